@@ -1,0 +1,119 @@
+/* Implementation of cyllama_shim.h; compiled into the cffi module. */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+
+struct cyl_cancel {
+    int flag;                  /* set by cancel(), read by the abort callback */
+    int watch_sigint;          /* does a SIGINT through the hook abort us? */
+    unsigned long sigint_base; /* hook count when the generation began */
+};
+
+/* Bumped by the SIGINT hook; only ever read or incremented atomically. */
+static unsigned long g_sigint_count = 0;
+
+cyl_cancel *cyl_cancel_new(void) {
+    cyl_cancel *state = calloc(1, sizeof *state);
+    if (state) {
+        state->watch_sigint = 1;
+        state->sigint_base = __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST);
+    }
+    return state;
+}
+
+void cyl_cancel_free(cyl_cancel *state) { free(state); }
+
+void cyl_cancel_set(cyl_cancel *state, bool value) {
+    __atomic_store_n(&state->flag, value ? 1 : 0, __ATOMIC_SEQ_CST);
+}
+
+bool cyl_cancel_sigint_seen(cyl_cancel *state) {
+    return __atomic_load_n(&state->watch_sigint, __ATOMIC_RELAXED)
+        && __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST)
+               != __atomic_load_n(&state->sigint_base, __ATOMIC_SEQ_CST);
+}
+
+bool cyl_cancel_get(cyl_cancel *state) {
+    return __atomic_load_n(&state->flag, __ATOMIC_SEQ_CST) != 0 || cyl_cancel_sigint_seen(state);
+}
+
+void cyl_cancel_begin(cyl_cancel *state) {
+    __atomic_store_n(&state->sigint_base, __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST),
+                     __ATOMIC_SEQ_CST);
+    __atomic_store_n(&state->flag, 0, __ATOMIC_SEQ_CST);
+}
+
+void cyl_cancel_watch_sigint(cyl_cancel *state, bool watch) {
+    __atomic_store_n(&state->watch_sigint, watch ? 1 : 0, __ATOMIC_SEQ_CST);
+}
+
+bool cyl_abort_callback(void *data) {
+    return data != NULL && cyl_cancel_get((cyl_cancel *)data);
+}
+
+/* ---- SIGINT hook ------------------------------------------------------ */
+
+static struct sigaction g_previous;
+
+static void cyl_sigint_hook(int signum, siginfo_t *info, void *ucontext) {
+    int saved_errno = errno;
+    __atomic_add_fetch(&g_sigint_count, 1, __ATOMIC_SEQ_CST);
+    if (g_previous.sa_flags & SA_SIGINFO) {
+        if (g_previous.sa_sigaction) g_previous.sa_sigaction(signum, info, ucontext);
+    } else if (g_previous.sa_handler == SIG_DFL) {
+        /* Nobody handled SIGINT before us: behave as the default would. */
+        signal(signum, SIG_DFL);
+        raise(signum);
+    } else if (g_previous.sa_handler != SIG_IGN && g_previous.sa_handler != NULL) {
+        g_previous.sa_handler(signum);
+    }
+    errno = saved_errno;
+}
+
+bool cyl_sigint_hook_is_current(void) {
+    struct sigaction current;
+    if (sigaction(SIGINT, NULL, &current) != 0) return false;
+    return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == cyl_sigint_hook;
+}
+
+int cyl_sigint_install(void) {
+    struct sigaction current, hook;
+    if (sigaction(SIGINT, NULL, &current) != 0) return -1;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == cyl_sigint_hook)
+        return 0; /* already on top: never save ourselves as "previous" */
+    g_previous = current;
+    hook = current; /* keep the previous sa_mask and flags (SA_RESTART or not) */
+    hook.sa_sigaction = cyl_sigint_hook;
+    hook.sa_flags = (current.sa_flags | SA_SIGINFO) & ~SA_RESETHAND;
+    return sigaction(SIGINT, &hook, NULL);
+}
+
+int cyl_sigint_uninstall(void) {
+    if (!cyl_sigint_hook_is_current()) return 0; /* someone replaced us: leave theirs */
+    return sigaction(SIGINT, &g_previous, NULL);
+}
+
+unsigned long cyl_sigint_count(void) {
+    return __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST);
+}
+
+/* ---- log sink --------------------------------------------------------- */
+
+static void cyl_py_log(int level, const char *text); /* extern "Python" */
+
+static int g_log_threshold = GGML_LOG_LEVEL_ERROR;
+static int g_log_enabled = 1;
+static int g_log_last_level = GGML_LOG_LEVEL_INFO;
+
+void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data) {
+    (void)user_data;
+    int effective = (level == GGML_LOG_LEVEL_CONT) ? g_log_last_level : (int)level;
+    g_log_last_level = effective;
+    if (text != NULL && __atomic_load_n(&g_log_enabled, __ATOMIC_SEQ_CST)
+        && effective >= __atomic_load_n(&g_log_threshold, __ATOMIC_SEQ_CST))
+        cyl_py_log(effective, text);
+}
+
+void cyl_log_set_threshold(int level) { __atomic_store_n(&g_log_threshold, level, __ATOMIC_SEQ_CST); }
+
+void cyl_log_set_enabled(bool enabled) { __atomic_store_n(&g_log_enabled, enabled ? 1 : 0, __ATOMIC_SEQ_CST); }

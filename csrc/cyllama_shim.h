@@ -1,0 +1,47 @@
+/* The C shim of cyllama_cffi: the few things that must run without Python.
+ *
+ *  - a per-context cancel state read by a ggml abort callback (polled by the
+ *    CPU backend once per graph node while llama_decode runs, on ggml's worker
+ *    threads, so it must never call into Python);
+ *  - an opt-in SIGINT hook that bumps a process-wide counter the abort
+ *    callback watches, then chains to the previous handler, so Ctrl-C stops a
+ *    running decode although Python only runs signal handlers between bytecodes;
+ *  - a log sink that filters llama.cpp's log lines in C and forwards only the
+ *    wanted ones to Python.
+ *
+ * The part between the CDEF markers is also fed to cffi's cdef, so it must
+ * stay within what cffi's parser accepts.
+ */
+#ifndef CYLLAMA_SHIM_H
+#define CYLLAMA_SHIM_H
+
+#include <stdbool.h>
+
+/* BEGIN CDEF */
+typedef struct cyl_cancel cyl_cancel;
+
+cyl_cancel *cyl_cancel_new(void);
+void cyl_cancel_free(cyl_cancel *state);
+void cyl_cancel_set(cyl_cancel *state, bool value);
+bool cyl_cancel_get(cyl_cancel *state);
+/* Start a generation: clear the flag and forget SIGINTs that came before. */
+void cyl_cancel_begin(cyl_cancel *state);
+/* Whether a SIGINT caught by the hook since cyl_cancel_begin aborts this context. */
+void cyl_cancel_watch_sigint(cyl_cancel *state, bool watch);
+bool cyl_cancel_sigint_seen(cyl_cancel *state);
+/* The ggml_abort_callback; data is a cyl_cancel*. */
+bool cyl_abort_callback(void *data);
+
+/* SIGINT hook: 0 on success, -1 with errno set on failure. */
+int cyl_sigint_install(void);
+int cyl_sigint_uninstall(void);
+bool cyl_sigint_hook_is_current(void);
+unsigned long cyl_sigint_count(void);
+
+/* Log sink for llama_log_set: lines at or above the threshold go to Python. */
+void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data);
+void cyl_log_set_threshold(int level);
+void cyl_log_set_enabled(bool enabled);
+/* END CDEF */
+
+#endif

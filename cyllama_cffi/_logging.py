@@ -1,0 +1,59 @@
+"""llama.cpp's log lines, routed to the ``cyllama_cffi.llama`` Python logger.
+
+The C shim filters by level before anything reaches Python, so the quiet
+default (errors only) costs nothing per line. ``set_verbose(True)`` lowers the
+C threshold to forward everything. llama.cpp emits fragments (continuation
+pieces without a newline); they are joined into whole lines here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Dict
+
+logger = logging.getLogger("cyllama_cffi.llama")
+
+# ggml_log_level values (ggml.h): NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5
+_GGML_DEBUG, _GGML_INFO, _GGML_WARN, _GGML_ERROR = 1, 2, 3, 4
+_TO_PYTHON = {
+    _GGML_DEBUG: logging.DEBUG,
+    _GGML_INFO: logging.INFO,
+    _GGML_WARN: logging.WARNING,
+    _GGML_ERROR: logging.ERROR,
+}
+
+_pending: Dict[int, str] = {}
+_pending_lock = threading.Lock()
+_lib: Any = None
+
+
+def _emit(level: int, text: str) -> None:
+    with _pending_lock:
+        text = _pending.pop(level, "") + text
+        lines = text.split("\n")
+        if lines[-1]:
+            _pending[level] = lines[-1]
+    for line in lines[:-1]:
+        if line.strip():
+            logger.log(_TO_PYTHON.get(level, logging.INFO), "%s", line)
+
+
+def install(ffi: Any, lib: Any) -> None:
+    """Point llama.cpp's logger at the shim's sink (called once by _ffi)."""
+    global _lib
+    _lib = lib
+
+    @ffi.def_extern(onerror=lambda *exc: None)
+    def cyl_py_log(level: int, text: Any) -> None:
+        _emit(level, ffi.string(text).decode("utf-8", "replace"))
+
+    lib.llama_log_set(ffi.addressof(lib, "cyl_log_sink"), ffi.NULL)
+
+
+def set_verbose(verbose: bool) -> None:
+    """Forward all of llama.cpp's log lines (True) or only errors (False)."""
+    _lib.cyl_log_set_threshold(_GGML_DEBUG if verbose else _GGML_ERROR)
+    if verbose and logger.getEffectiveLevel() > logging.INFO and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
+        logger.setLevel(logging.DEBUG)

@@ -1,0 +1,54 @@
+"""setuptools glue: build the native libraries, then the cffi module over them.
+
+Everything that knows about llama.cpp lives in build_libllama.py; this file only
+hooks it into ``build_ext`` so ``pip install .``, ``pip install -e .`` and
+``python -m build`` all run the same steps and produce a platform wheel that
+carries ``libllama``/``libggml*`` next to the extension (``$ORIGIN`` rpath).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import build_libllama  # noqa: E402
+
+
+class BuildLibllama(build_ext):
+    """build_ext that first builds llama.cpp and emits the cffi C source."""
+
+    def run(self) -> None:
+        native = build_libllama.build_native()
+        if self.inplace or getattr(self, "editable_mode", False):
+            package_dir = Path(build_libllama.HERE) / "cyllama_cffi"
+        else:
+            package_dir = Path(self.build_lib) / "cyllama_cffi"
+        build_libllama.copy_libraries(native, package_dir)
+        ffibuilder = build_libllama.make_ffibuilder(native, link_dir=package_dir)
+        temp = Path(self.build_temp)
+        temp.mkdir(parents=True, exist_ok=True)
+        c_file = temp / "_libllama.c"
+        ffibuilder.emit_c_code(str(c_file))
+        template = ffibuilder._assigned_source[3]  # set_source keywords
+        for extension in self.extensions:
+            if extension.name == build_libllama.MODULE_NAME:
+                extension.sources = [str(c_file)]
+                extension.include_dirs = list(template["include_dirs"])
+                extension.extra_link_args = list(template["extra_link_args"])
+                extension.extra_compile_args = list(template["extra_compile_args"])
+        super().run()
+
+    def get_outputs(self):
+        # Tell setuptools (editable installs, wheels) about the copied libraries too.
+        outputs = super().get_outputs()
+        package_dir = Path(self.build_lib) / "cyllama_cffi"
+        return outputs + [str(p) for p in package_dir.glob("lib*.so*")]
+
+
+setup(
+    ext_modules=[Extension(build_libllama.MODULE_NAME, sources=[])],
+    cmdclass={"build_ext": BuildLibllama},
+)
