@@ -1,0 +1,485 @@
+"""``LLM``: the high-level generation API with two-layer cancellation.
+
+Cancellation (``llm.cancel()``, any thread, idempotent) sets a
+``threading.Event`` polled once per token in the generation loop *and* the C
+abort flag of the context, which ggml polls once per graph node inside
+``llama_decode``, so a long prefill stops within milliseconds. The prompt is
+also fed in ``n_ubatch`` chunks with an Event check between chunks, so it
+works on backends that ignore abort callbacks too. A cancelled generation
+yields what it produced, ends with ``finish_reason == "cancelled"`` and
+leaves the LLM ready for the next call, whose start clears the flags.
+
+Concurrency model: one generation at a time per ``LLM``. No lock is held
+while a stream is suspended at ``yield``; a stream holds only its own
+``step lock`` while it computes the next chunk. A new call waits for the
+in-flight step of a finished/cancelled/closed stream (milliseconds after a
+cancel) and takes over; a *live* stream makes the new call raise
+``RuntimeError``. A superseded stream ends cleanly when resumed.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+from ._logging import set_verbose
+from .batch import LlamaBatch
+from .config import GenerationConfig
+from .context import LlamaContext, usable_cores
+from .errors import ClosedError, DecodeAborted
+from .gguf_check import check_model_path
+from .model import LlamaModel
+from .response import GenerationStats, Response
+from .sampler import LlamaSampler
+from .sigint import SigintHandle
+from .sigint import install_sigint_handler as _install_sigint_handler
+from .streaming import TextAssembler
+
+logger = logging.getLogger("cyllama_cffi")
+
+TokenCallback = Callable[[str], Any]
+
+# Model-level settings: changing them needs a new model, not just a new context.
+_MODEL_FIELDS = ("n_gpu_layers", "main_gpu", "split_mode", "tensor_split")
+
+
+class LLM:
+    """A model ready to generate text.
+
+    ``LLM(model_path, config=None, verbose=False, **overrides)``: fields in
+    ``overrides`` replace those of ``config`` (unknown names raise
+    ``TypeError``). The path is checked before llama.cpp sees it.
+    """
+
+    def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
+                 verbose: bool = False, **overrides: Any) -> None:
+        base = config if config is not None else GenerationConfig()
+        if not isinstance(base, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(base).__name__}")
+        self.config = base.replace(**overrides) if overrides else base.replace()
+        self.model_path = str(check_model_path(model_path))
+        self.verbose = verbose
+        if verbose:
+            set_verbose(True)
+        cfg = self.config
+        self.model = LlamaModel(self.model_path, n_gpu_layers=cfg.n_gpu_layers, main_gpu=cfg.main_gpu,
+                                split_mode=cfg.split_mode, tensor_split=cfg.tensor_split)
+        self.vocab = self.model.vocab
+        self._ctx: Optional[LlamaContext] = None
+        self._ctx_key: Any = None
+        self._batch: Optional[LlamaBatch] = None
+        self._kv_tokens: List[int] = []  # tokens whose K/V are in the cache, in order
+        self._cancel_event = threading.Event()
+        self._state_lock = threading.Lock()
+        self._active: Optional["weakref.ReferenceType[_Stream]"] = None
+        self._sigint_watchers = 0
+        self._closed = False
+        self.last_stats: Optional[GenerationStats] = None
+        self.last_finish_reason: Optional[str] = None
+
+    # -- cancellation -----------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the running generation soon (between tokens or inside ``llama_decode``).
+
+        Safe from any thread and from signal handlers; idempotent and cheap.
+        A cancel with nothing running is forgotten when the next generation starts.
+        """
+        self._cancel_event.set()
+        ctx = self._ctx
+        if ctx is not None:
+            try:
+                ctx.cancel = True
+            except ClosedError:  # pragma: no cover - closing concurrently
+                pass
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True from ``cancel()`` until the next generation starts."""
+        return self._cancel_event.is_set()
+
+    def install_sigint_handler(self) -> SigintHandle:
+        """Make Ctrl-C call ``cancel()``, interrupting even a running prefill.
+
+        Main thread only. Returns a handle: ``restore()`` it (or use it as a
+        context manager) to put the previous handler back.
+        """
+        handle = _install_sigint_handler(self.cancel, on_restore=self._sigint_unwatch)
+        self._sigint_watchers += 1
+        if self._ctx is not None:
+            self._ctx.watch_sigint(True)
+        return handle
+
+    def _sigint_unwatch(self) -> None:
+        self._sigint_watchers = max(0, self._sigint_watchers - 1)
+        if self._ctx is not None and self._sigint_watchers == 0 and not self._ctx.closed:
+            self._ctx.watch_sigint(False)
+
+    # -- generation -----------------------------------------------------------------------
+    def __call__(self, prompt: str, config: Optional[GenerationConfig] = None, stream: bool = False,
+                 on_token: Optional[TokenCallback] = None) -> Union[Response, Iterator[str]]:
+        """Generate from ``prompt``: a ``Response``, or with ``stream=True`` an iterator of text chunks."""
+        generation = self._start(prompt, config or self.config, on_token)
+        if stream:
+            return generation
+        text = "".join(generation)
+        return Response(text, generation.stats, generation.finish_reason or "stop", self.model_name)
+
+    def generate(self, prompt: str, config: Optional[GenerationConfig] = None, **kwargs: Any):
+        return self(prompt, config=config, **kwargs)
+
+    def stream(self, prompt: str, config: Optional[GenerationConfig] = None,
+               on_token: Optional[TokenCallback] = None) -> "_Stream":
+        return self._start(prompt, config or self.config, on_token)
+
+    @property
+    def model_name(self) -> str:
+        return os.path.basename(self.model_path)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]:
+        return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.vocab.detokenize(tokens)
+
+    def format_chat(self, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Apply the model's built-in chat template (llama.cpp's template engine)."""
+        from ._ffi import ffi, lib
+
+        template = self.model.chat_template()
+        if template is None:
+            raise ValueError("this model has no built-in chat template")
+        keep = []
+        array = ffi.new("struct llama_chat_message[]", len(messages))
+        for index, message in enumerate(messages):
+            role = ffi.new("char[]", message["role"].encode("utf-8"))
+            content = ffi.new("char[]", message["content"].encode("utf-8"))
+            keep += [role, content]
+            array[index].role = role
+            array[index].content = content
+        encoded_template = template.encode("utf-8")
+        size = 256 + 2 * sum(len(m["content"]) + len(m["role"]) for m in messages)
+        while True:
+            buffer = ffi.new("char[]", size)
+            length = lib.llama_chat_apply_template(encoded_template, array, len(messages),
+                                                   add_generation_prompt, buffer, size)
+            if length < 0:
+                raise ValueError("llama.cpp does not support this model's chat template")
+            if length <= size:
+                return ffi.buffer(buffer, length)[:].decode("utf-8", "replace")
+            size = length
+
+    def _start(self, prompt: str, config: GenerationConfig, on_token: Optional[TokenCallback]) -> "_Stream":
+        if self._closed:
+            raise ClosedError("this LLM is closed")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        if prompt == "":
+            raise ValueError("the prompt is empty; give at least one character of text")
+        changed = [name for name in _MODEL_FIELDS if getattr(config, name) != getattr(self.config, name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} can only be set when the LLM is created")
+        tokens = self.vocab.tokenize(prompt, add_special=config.add_bos, parse_special=config.parse_special)
+        if not tokens:
+            raise ValueError("the prompt tokenizes to no tokens")
+        self._claim()
+        try:
+            ctx = self._context_for(len(tokens), config)
+            ctx.begin_generation()
+            self._cancel_event.clear()
+            stream = _Stream(self, ctx, tokens, config, on_token)
+            self._active = weakref.ref(stream)
+            return stream
+        except BaseException:
+            self._release(None)
+            raise
+
+    # -- ownership of the context ------------------------------------------------------------
+    def _claim(self) -> None:
+        """Become the generation that owns the context, or raise if a live one does."""
+        collected = False
+        while True:
+            with self._state_lock:
+                current = self._active() if self._active is not None else None
+                if current is None:
+                    self._active = _claiming_ref
+                    return
+                if current is _CLAIMING:
+                    raise RuntimeError("another generation is starting on this LLM in another thread")
+                live = current._live
+                if not live:
+                    current._superseded = True  # if resumed, it ends without touching the context
+            if live:
+                del current
+                if not collected:
+                    # An abandoned stream may only be waiting for the garbage collector (PyPy).
+                    gc.collect()
+                    collected = True
+                    continue
+                raise RuntimeError("another generation is still running on this LLM: exhaust it, close() it "
+                                   "or cancel() first (one LLM generates one stream at a time)")
+            # Finished, cancelled or closed: wait for its in-flight step, if any, to return.
+            with current._step_lock:
+                pass
+            with self._state_lock:
+                if self._active is not None and self._active() is current:
+                    self._active = None
+            del current
+
+    def _release(self, stream: Optional["_Stream"]) -> None:
+        with self._state_lock:
+            current = self._active() if self._active is not None else None
+            if current is stream or current is _CLAIMING:
+                self._active = None
+
+    def _context_for(self, n_prompt: int, config: GenerationConfig) -> LlamaContext:
+        if config.n_ctx is not None:
+            n_ctx = config.n_ctx
+        else:  # room for prompt + max_tokens, in steps of 256, at most the trained context
+            wanted = n_prompt + max(config.max_tokens, 1)
+            n_ctx = -(-wanted // 256) * 256
+            if self.model.n_ctx_train > 0:
+                n_ctx = min(n_ctx, self.model.n_ctx_train)
+        if n_prompt >= n_ctx:
+            raise ValueError(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}; "
+                             "shorten the prompt or raise n_ctx")
+        n_threads = config.n_threads or usable_cores()
+        key = (config.n_batch, config.n_ubatch, n_threads)
+        ctx = self._ctx
+        if ctx is not None and (self._ctx_key != key or ctx.n_ctx < n_ctx
+                                or (config.n_ctx is not None and ctx.n_ctx != n_ctx)):
+            ctx.close()
+            ctx = self._ctx = None
+            self._kv_tokens = []
+        if ctx is None:
+            ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
+                               n_threads=n_threads)
+            ctx.watch_sigint(self._sigint_watchers > 0)
+            self._ctx, self._ctx_key = ctx, key
+            self._kv_tokens = []
+            self._batch = LlamaBatch(ctx.n_batch)
+        return ctx
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context and the model. Idempotent; a running generation is cancelled first."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
+        stream = self._active() if self._active is not None else None
+        if isinstance(stream, _Stream):
+            with stream._step_lock:
+                stream._superseded = True
+        if self._batch is not None:
+            self._batch.close()
+        self.model.close()  # closes the context first
+        self._ctx = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LLM {self.model_name}{' closed' if self._closed else ''}>"
+
+
+class _Claiming:
+    """Placeholder owner while a new generation sets itself up."""
+
+    _live = True
+
+
+_CLAIMING = _Claiming()
+
+
+def _claiming_ref() -> _Claiming:
+    return _CLAIMING
+
+
+def _build_sampler(config: GenerationConfig, n_vocab: int) -> LlamaSampler:
+    sampler = LlamaSampler()
+    seed = None if config.seed is None or config.seed < 0 else config.seed
+    if config.repeat_penalty != 1.0 or config.frequency_penalty or config.presence_penalty:
+        sampler.add_penalties(config.penalty_last_n, config.repeat_penalty, config.frequency_penalty,
+                              config.presence_penalty)
+    if config.temperature <= 0:
+        return sampler.add_greedy()
+    if config.mirostat == 1:
+        return sampler.add_temp(config.temperature).add_mirostat(n_vocab, config.mirostat_tau,
+                                                                 config.mirostat_eta, seed=seed)
+    if config.mirostat == 2:
+        return sampler.add_temp(config.temperature).add_mirostat_v2(config.mirostat_tau, config.mirostat_eta,
+                                                                    seed=seed)
+    if config.top_k > 0:
+        sampler.add_top_k(config.top_k)
+    if config.top_p < 1.0:
+        sampler.add_top_p(config.top_p)
+    if config.min_p > 0.0:
+        sampler.add_min_p(config.min_p)
+    return sampler.add_temp(config.temperature).add_dist(seed)
+
+
+class _Stream:
+    """One generation: an iterator of text chunks that owns the LLM's context while live."""
+
+    def __init__(self, llm: LLM, ctx: LlamaContext, prompt_tokens: List[int], config: GenerationConfig,
+                 on_token: Optional[TokenCallback]) -> None:
+        self._llm = llm
+        self._ctx = ctx
+        self._batch = llm._batch
+        self._prompt = prompt_tokens
+        self._config = config
+        self._on_token = on_token
+        self._sampler = _build_sampler(config, llm.vocab.n_tokens)
+        self._assembler = TextAssembler(config.stop_sequences)
+        self._step_lock = threading.Lock()
+        self._started = False
+        self._done = False
+        self._closing = False
+        self._superseded = False
+        self._pending: List[str] = []
+        self.generated: List[int] = []
+        self.finish_reason: Optional[str] = None
+        self.stats = GenerationStats(prompt_tokens=len(prompt_tokens))
+        self._t_start = time.perf_counter()
+        self._t_prompt_done = 0.0
+
+    @property
+    def _live(self) -> bool:
+        """Still owns the LLM: not finished, not closed, not cancelled."""
+        return not (self._done or self._closing or self._superseded or self._llm._cancel_event.is_set())
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> str:
+        with self._step_lock:
+            while not self._pending:
+                if self._done:
+                    raise StopIteration
+                if self._superseded or self._closing:
+                    self._finish("cancelled", flush=not self._superseded)
+                    continue
+                self._step()
+            chunk = self._pending.pop(0)
+        if self._on_token is not None:
+            self._on_token(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Stop this stream; the LLM is free for the next call at once."""
+        self._closing = True
+        if not self._done and self._llm._active is not None and self._llm._active() is self:
+            self._ctx.cancel = True  # an in-flight decode in another thread stops now
+        with self._step_lock:
+            if not self._done:
+                self._finish("cancelled", flush=False)
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- the generation loop ------------------------------------------------------------------
+    def _step(self) -> None:
+        """Advance until there is text to emit or the generation is over."""
+        if not self._started:
+            self._started = True
+            if not self._prefill():
+                return
+        llm = self._llm
+        ctx = self._ctx
+        vocab = llm.vocab
+        cancel_event = llm._cancel_event
+        batch = self._batch
+        max_tokens = self._config.max_tokens
+        n_ctx = ctx.n_ctx
+        while not self._pending and not self._done:
+            if cancel_event.is_set() or self._closing:
+                self._finish("cancelled")
+                return
+            if len(self.generated) >= max_tokens:
+                self._finish("length")
+                return
+            token = self._sampler.sample(ctx)
+            if vocab.is_eog(token):
+                self._finish("stop")
+                return
+            self.generated.append(token)
+            text = self._assembler.feed(vocab.token_to_bytes(token))
+            if text:
+                self._pending.append(text)
+            if self._assembler.stopped:
+                self._finish("stop")
+                return
+            pos = len(llm._kv_tokens)
+            if pos >= n_ctx or len(self.generated) >= max_tokens:
+                self._finish("length")
+                return
+            batch.set_single(token, pos)
+            try:
+                ctx.decode(batch)
+            except DecodeAborted as aborted:
+                del llm._kv_tokens[aborted.n_past:]
+                self._finish("cancelled")
+                return
+            llm._kv_tokens.append(token)
+
+    def _prefill(self) -> bool:
+        """Feed the prompt in n_ubatch chunks, checking for cancellation between chunks."""
+        llm = self._llm
+        ctx = self._ctx
+        batch = self._batch
+        ctx.memory_clear()
+        llm._kv_tokens = []
+        tokens = self._prompt
+        chunk = max(1, min(ctx.n_ubatch, ctx.n_batch))
+        for start in range(0, len(tokens), chunk):
+            if llm._cancel_event.is_set():
+                self._finish("cancelled")
+                return False
+            piece = tokens[start:start + chunk]
+            batch.set_tokens(piece, start, logits_last=start + chunk >= len(tokens))
+            try:
+                ctx.decode(batch)
+            except DecodeAborted as aborted:
+                llm._kv_tokens = tokens[:aborted.n_past]
+                self._finish("cancelled")
+                return False
+            llm._kv_tokens.extend(piece)
+        self._t_prompt_done = time.perf_counter()
+        return True
+
+    def _finish(self, reason: str, flush: bool = True) -> None:
+        if self._done:
+            return
+        self._done = True
+        tail = self._assembler.finish()
+        if tail and flush:
+            self._pending.append(tail)
+        self.finish_reason = reason
+        now = time.perf_counter()
+        prompt_done = self._t_prompt_done or now
+        stats = self.stats
+        stats.generated_tokens = len(self.generated)
+        stats.total_time = now - self._t_start
+        stats.prompt_time = prompt_done - self._t_start
+        stats.generation_time = now - prompt_done
+        stats.tokens_per_second = (stats.generated_tokens / stats.generation_time
+                                   if stats.generation_time > 0 else 0.0)
+        llm = self._llm
+        if not self._superseded:
+            llm.last_stats = stats
+            llm.last_finish_reason = reason
+        self._sampler.close()
+        llm._release(self)

@@ -1,0 +1,264 @@
+"""``LlamaContext``: owns one ``llama_context*`` plus its cancel state.
+
+Every context gets the shim's C abort callback at creation, reading a
+per-context atomic flag: ``ctx.cancel = True`` (from any thread) makes a
+running ``llama_decode`` return within one graph node. ``decode`` validates
+its batch first (llama.cpp aborts the process for batches larger than
+``n_batch``, and sampling needs logits that exist), maps return codes to
+exceptions, and after an abort trims the KV cache to what was committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ._ffi import ffi, lib
+from ._handle import CHandle
+from .batch import LlamaBatch
+from .errors import ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
+from .model import LlamaModel
+
+logger = logging.getLogger("cyllama_cffi")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity/cgroup aware), not llama.cpp's fixed 4."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without affinity
+        return max(1, os.cpu_count() or 1)
+
+
+def _log_callback_error(exc_type, exc_value, traceback) -> bool:
+    logger.error("abort callback raised; aborting the decode", exc_info=(exc_type, exc_value, traceback))
+    return True
+
+
+@ffi.def_extern(onerror=_log_callback_error)
+def cyl_py_abort(user_data: Any) -> bool:
+    context: "LlamaContext" = ffi.from_handle(user_data)
+    callback = context._py_abort
+    return bool(callback()) if callback is not None else False
+
+
+class LlamaContext(CHandle):
+    """An inference context (KV cache, threads, logits) over a ``LlamaModel``."""
+
+    _kind = "context"
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int = 0,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        n_seq_max: int = 1,
+        embeddings: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        if model.vocab_only:
+            raise ValueError("cannot create a context for a vocab_only model (it has no weights)")
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
+            if value < 0 or (name != "n_ctx" and value == 0):
+                raise ValueError(f"{name} must be {'>= 0' if name == 'n_ctx' else '> 0'}, got {value}")
+        if n_ctx and n_ctx < 8:
+            raise ValueError(f"n_ctx must be at least 8 (or 0 for the model's), got {n_ctx}")
+        threads = n_threads if n_threads is not None else usable_cores()
+        threads_batch = n_threads_batch if n_threads_batch is not None else threads
+        if threads <= 0 or threads_batch <= 0:
+            raise ValueError("thread counts must be positive")
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads_batch
+        params.embeddings = embeddings
+        params.no_perf = True
+        cancel_state = lib.cyl_cancel_new()
+        if cancel_state == ffi.NULL:
+            raise MemoryError("could not allocate the cancel state")
+        params.abort_callback = ffi.addressof(lib, "cyl_abort_callback")
+        params.abort_callback_data = cancel_state
+        pointer = lib.llama_init_from_model(model.ptr, params)
+        if pointer == ffi.NULL:
+            lib.cyl_cancel_free(cancel_state)
+            raise LlamaError("llama.cpp could not create the context (see the cyllama_cffi.llama log)")
+        super().__init__(pointer, _free_context_factory(cancel_state))
+        self._depend_on(model)
+        self.model = model
+        self.vocab = model.vocab
+        self._n_vocab = self.vocab.n_tokens
+        self._cancel_state = cancel_state
+        self._py_abort: Optional[Callable[[], bool]] = None
+        self._py_abort_handle: Any = None
+        self._busy = threading.Lock()
+        self._logit_rows: Any = ()  # batch rows that have logits after the last decode
+        self._last_output = False
+        self.n_ctx = lib.llama_n_ctx(pointer)
+        self.n_batch = lib.llama_n_batch(pointer)
+        self.n_ubatch = lib.llama_n_ubatch(pointer)
+        self._memory = lib.llama_get_memory(pointer)
+
+    # -- cancellation -------------------------------------------------------
+    @property
+    def cancel(self) -> bool:
+        """The C abort flag (True also after a SIGINT caught by the hook, see install_sigint_handler)."""
+        return bool(lib.cyl_cancel_get(self._cancel_state))
+
+    @cancel.setter
+    def cancel(self, value: bool) -> None:
+        lib.cyl_cancel_set(self._cancel_state, bool(value))
+
+    def begin_generation(self) -> None:
+        """Clear the flag and forget SIGINTs that arrived before now."""
+        lib.cyl_cancel_begin(self._cancel_state)
+
+    def watch_sigint(self, watch: bool) -> None:
+        """Whether a SIGINT caught by the C hook aborts this context's decodes."""
+        lib.cyl_cancel_watch_sigint(self._cancel_state, bool(watch))
+
+    def set_abort_callback(self, callback: Optional[Callable[[], bool]]) -> None:
+        """Replace the built-in C abort check with a Python callable (None restores it).
+
+        The callable runs on ggml's worker threads once per graph node, so it
+        should be fast; an exception in it is logged and aborts the decode.
+        """
+        pointer = self.ptr
+        if callback is None:
+            lib.llama_set_abort_callback(pointer, ffi.addressof(lib, "cyl_abort_callback"), self._cancel_state)
+            self._py_abort = None
+            self._py_abort_handle = None
+            return
+        if not callable(callback):
+            raise TypeError("the abort callback must be callable or None")
+        self._py_abort = callback
+        self._py_abort_handle = ffi.new_handle(self)
+        lib.llama_set_abort_callback(pointer, ffi.addressof(lib, "cyl_py_abort"), self._py_abort_handle)
+
+    # -- decoding -----------------------------------------------------------
+    def _acquire(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise ContextBusyError("this context is in use by another thread; "
+                                   "llama.cpp contexts cannot be used concurrently")
+
+    def decode(self, batch: LlamaBatch) -> None:
+        """Run ``llama_decode``; raise on anything but success.
+
+        ``DecodeAborted`` (an ``InterruptedError``) when the abort callback fired,
+        ``ContextFullError`` when the KV cache has no room, ``ValueError`` for a
+        batch llama.cpp would reject or abort on.
+        """
+        self.ptr  # noqa: B018 - ClosedError before anything else
+        holder = batch.ptr
+        count = holder.n_tokens
+        if count <= 0:
+            raise ValueError("cannot decode an empty batch")
+        if count > self.n_batch:
+            raise ValueError(f"batch has {count} tokens but the context's n_batch is {self.n_batch}")
+        if count == 1:
+            token = holder.token[0]
+            if not 0 <= token < self._n_vocab:
+                raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
+        else:
+            tokens = batch.tokens[:count]
+            if tokens.min() < 0 or tokens.max() >= self._n_vocab:
+                bad = int(tokens[(tokens < 0) | (tokens >= self._n_vocab)][0])
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self._n_vocab})")
+        self._acquire()
+        try:
+            pointer = self.ptr
+            self._logit_rows = ()
+            code = lib.llama_decode(pointer, holder[0])
+            if code == 0:
+                if count == 1:
+                    self._logit_rows = (0,) if holder.logits[0] else ()
+                else:
+                    self._logit_rows = frozenset(np.flatnonzero(batch.logits[:count]).tolist())
+                return
+        finally:
+            self._busy.release()
+        self._raise_for(code)
+
+    def _raise_for(self, code: int) -> None:
+        if code == 2:
+            raise DecodeAborted("llama_decode was aborted", n_past=self.trim_to_committed())
+        if code == 1:
+            raise ContextFullError(f"no KV-cache slot for the batch (context of {self.n_ctx} tokens is full)", code)
+        if code == -1:
+            raise ValueError("llama.cpp rejected the batch as invalid")
+        self.trim_to_committed()
+        raise DecodeError(f"llama_decode failed with code {code}", code)
+
+    def trim_to_committed(self, seq_id: int = 0) -> int:
+        """Drop anything past the last committed position of ``seq_id``; return how many remain."""
+        pos_max = lib.llama_memory_seq_pos_max(self._memory, seq_id)
+        lib.llama_memory_seq_rm(self._memory, seq_id, pos_max + 1, -1)
+        return pos_max + 1
+
+    def has_logits(self, index: int = -1) -> bool:
+        rows = self._logit_rows
+        if index == -1:
+            return len(rows) > 0
+        return index in rows
+
+    # -- outputs --------------------------------------------------------------
+    def get_logits_ith(self, index: int = -1) -> np.ndarray:
+        """Zero-copy float32 view of the logits of batch row ``index`` (valid until the next decode)."""
+        if not self.has_logits(index):
+            raise RuntimeError(f"no logits at batch index {index}: decode a batch with logits for that row first")
+        pointer = lib.llama_get_logits_ith(self.ptr, index)
+        if pointer == ffi.NULL:
+            raise RuntimeError(f"llama.cpp has no logits at index {index}")
+        return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
+
+    # -- memory (KV cache) ----------------------------------------------------
+    def memory_clear(self, data: bool = True) -> None:
+        self.ptr  # noqa: B018 - raise ClosedError when closed
+        lib.llama_memory_clear(self._memory, data)
+        self._logit_rows = ()
+
+    def memory_seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        self.ptr  # noqa: B018
+        return bool(lib.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+
+    def memory_seq_pos_max(self, seq_id: int = 0) -> int:
+        self.ptr  # noqa: B018
+        return lib.llama_memory_seq_pos_max(self._memory, seq_id)
+
+    def memory_seq_pos_min(self, seq_id: int = 0) -> int:
+        self.ptr  # noqa: B018
+        return lib.llama_memory_seq_pos_min(self._memory, seq_id)
+
+    # -- threads ----------------------------------------------------------------
+    @property
+    def n_threads(self) -> int:
+        return lib.llama_n_threads(self.ptr)
+
+    def set_n_threads(self, n_threads: int, n_threads_batch: Optional[int] = None) -> None:
+        if n_threads <= 0 or (n_threads_batch is not None and n_threads_batch <= 0):
+            raise ValueError("thread counts must be positive")
+        lib.llama_set_n_threads(self.ptr, n_threads, n_threads_batch or n_threads)
+
+    # -- lifetime -----------------------------------------------------------------
+    def _before_close(self) -> None:
+        # A decode running in another thread stops at its next graph node.
+        self.cancel = True
+        with self._busy:
+            pass
+
+
+def _free_context_factory(cancel_state: Any) -> Callable[[Any], None]:
+    def free(pointer: Any) -> None:
+        lib.llama_free(pointer)
+        lib.cyl_cancel_free(cancel_state)
+    return free

@@ -1,0 +1,87 @@
+"""``Response`` and ``GenerationStats``: the result of a non-streaming call.
+
+A ``Response`` behaves like its text for ``str()``, ``==``, ``len``, ``in``
+and ``+``, so code that expected a plain string keeps working, while the
+measured statistics and the finish reason travel with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generation (all measured, none estimated)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    total_time: float = 0.0
+    prompt_time: float = 0.0
+    generation_time: float = 0.0
+    tokens_per_second: float = 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class Response:
+    """Generated text plus ``stats``, ``finish_reason`` ("stop", "length", "cancelled") and ``model``."""
+
+    __slots__ = ("text", "stats", "finish_reason", "model")
+
+    def __init__(self, text: str, stats: Optional[GenerationStats] = None,
+                 finish_reason: str = "stop", model: str = "") -> None:
+        self.text = text
+        self.stats = stats if stats is not None else GenerationStats()
+        self.finish_reason = finish_reason
+        self.model = model
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Response({self.text!r}, finish_reason={self.finish_reason!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Response):
+            return self.text == other.text
+        if isinstance(other, str):
+            return self.text == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.text
+
+    def __add__(self, other: object) -> str:
+        if isinstance(other, (str, Response)):
+            return self.text + str(other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> str:
+        if isinstance(other, str):
+            return other + self.text
+        return NotImplemented
+
+    def __iter__(self):
+        return iter(self.text)
+
+    def __getitem__(self, index):
+        return self.text[index]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason, "model": self.model,
+                "stats": self.stats.to_dict()}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)

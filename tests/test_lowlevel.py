@@ -1,0 +1,204 @@
+"""The thin low-level layer: load, tokenize, decode, sample, and refused inputs."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from cyllama_cffi.batch import LlamaBatch
+from cyllama_cffi.context import LlamaContext, usable_cores
+from cyllama_cffi.errors import ClosedError, ContextBusyError, DecodeAborted
+from cyllama_cffi.model import LlamaModel
+from cyllama_cffi.sampler import LlamaSampler
+
+PROMPT = "The capital of France is"
+
+
+def greedy_continuation(model, prompt: str, n_tokens: int = 24) -> str:
+    vocab = model.vocab
+    tokens = vocab.tokenize(prompt)
+    with LlamaContext(model, n_ctx=256) as ctx, LlamaBatch(ctx.n_batch) as batch, \
+            LlamaSampler().add_greedy() as sampler:
+        batch.set_tokens(tokens, 0)
+        ctx.decode(batch)
+        out = []
+        for pos in range(len(tokens), len(tokens) + n_tokens):
+            token = sampler.sample(ctx)
+            if vocab.is_eog(token):
+                break
+            out.append(token)
+            batch.set_single(token, pos)
+            ctx.decode(batch)
+    return vocab.detokenize(out)
+
+
+def test_model_properties(model):
+    assert model.n_ctx_train == 8192
+    assert model.vocab.n_tokens == 49152
+    assert "llama" in model.description
+    assert model.size > 50_000_000 and model.n_params > 100_000_000
+    assert model.metadata["general.architecture"] == "llama"
+    assert "message" in model.chat_template()
+    assert model.meta("no.such.key") is None
+
+
+def test_tokenize_detokenize(model):
+    vocab = model.vocab
+    tokens = vocab.tokenize(PROMPT, add_special=False)
+    assert vocab.detokenize(tokens) == PROMPT
+    assert "".join(vocab.token_to_piece(t) for t in tokens) == PROMPT
+
+
+def test_greedy_generation_is_deterministic(model):
+    first = greedy_continuation(model, PROMPT)
+    second = greedy_continuation(model, PROMPT)
+    assert first == second
+    assert "Paris" in first
+
+
+def test_thread_count_defaults_to_usable_cores(model):
+    with LlamaContext(model, n_ctx=64) as ctx:
+        assert ctx.n_threads == usable_cores()
+
+
+def test_logits_are_a_zero_copy_view(model):
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(64) as batch:
+        batch.set_tokens(model.vocab.tokenize(PROMPT), 0)
+        ctx.decode(batch)
+        logits = ctx.get_logits_ith(-1)
+        assert logits.shape == (model.vocab.n_tokens,)
+        assert logits.base is not None  # a view on llama.cpp's buffer, no copy
+        assert int(np.argmax(logits)) == LlamaSampler().add_greedy().sample(ctx)
+
+
+# -- process killers refused with exceptions -----------------------------------------
+
+def test_batch_larger_than_n_batch_is_refused(model):
+    with LlamaContext(model, n_ctx=256, n_batch=32) as ctx, LlamaBatch(64) as batch:
+        batch.set_tokens([1] * 40, 0)
+        with pytest.raises(ValueError, match="n_batch"):
+            ctx.decode(batch)
+
+
+@pytest.mark.parametrize("bad", [-1, 49152, 10**9])
+def test_out_of_vocabulary_ids_are_refused(model, bad):
+    vocab = model.vocab
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab.token_to_piece(bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab.get_text(bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab.detokenize([1, bad])
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(8) as batch:
+        batch.set_single(bad, 0)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            ctx.decode(batch)
+        batch.set_tokens([1, 2, bad], 0)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            ctx.decode(batch)
+
+
+def test_sampling_without_logits_is_refused(model):
+    sampler = LlamaSampler().add_greedy()
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(8) as batch:
+        with pytest.raises(RuntimeError, match="no logits"):
+            sampler.sample(ctx)  # before any decode
+        batch.set_tokens([1, 2, 3], 0, logits_last=False)
+        ctx.decode(batch)
+        with pytest.raises(RuntimeError, match="no logits"):
+            sampler.sample(ctx)  # decode without a logits row
+        batch.set_tokens([1, 2, 3], 3)
+        ctx.decode(batch)
+        with pytest.raises(RuntimeError, match="no logits"):
+            sampler.sample(ctx, 0)  # a row without the logits flag
+        assert sampler.sample(ctx, 2) >= 0
+        ctx.cancel = True
+        batch.set_single(5, 6)
+        with pytest.raises(DecodeAborted):
+            ctx.decode(batch)
+        with pytest.raises(RuntimeError, match="no logits"):
+            sampler.sample(ctx)  # after a failed decode
+
+
+def test_vocab_only_model_cannot_decode(model_path):
+    with LlamaModel(model_path, vocab_only=True) as vocab_model:
+        assert vocab_model.vocab.tokenize("hi")
+        with pytest.raises(ValueError, match="vocab_only"):
+            LlamaContext(vocab_model)
+
+
+def test_empty_batch_is_refused(model):
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(8) as batch:
+        with pytest.raises(ValueError, match="empty"):
+            ctx.decode(batch)
+
+
+def test_use_after_close_raises(model_path):
+    model = LlamaModel(model_path)
+    ctx = LlamaContext(model, n_ctx=64)
+    sampler = LlamaSampler().add_greedy()
+    batch = LlamaBatch(4)
+    model.close()
+    assert ctx.closed  # closing the model closed its context first
+    with pytest.raises(ClosedError):
+        model.vocab.tokenize("x")
+    with pytest.raises(ClosedError):
+        ctx.decode(batch)
+    model.close()  # closing twice is fine
+    sampler.close(); sampler.close()
+    batch.close()
+    with pytest.raises(ClosedError):
+        batch.set_single(1, 0)
+
+
+def test_concurrent_decode_on_one_context_is_refused(model):
+    with LlamaContext(model, n_ctx=4096, n_batch=4096, n_ubatch=512) as ctx, LlamaBatch(4096) as batch:
+        batch.set_tokens([100 + (i % 1000) for i in range(3000)], 0)
+        started = threading.Event()
+        errors = []
+
+        def slow_abort_check():
+            started.set()
+            return False
+
+        ctx.set_abort_callback(slow_abort_check)
+        worker = threading.Thread(target=lambda: errors.append(_decode_or_error(ctx, batch)))
+        worker.start()
+        assert started.wait(30)
+        with pytest.raises(ContextBusyError):
+            ctx.decode(batch)
+        worker.join()
+        assert errors == [None]
+
+
+def _decode_or_error(ctx, batch):
+    try:
+        ctx.decode(batch)
+        return None
+    except Exception as error:  # pragma: no cover - reported through the list
+        return error
+
+
+def test_bad_grammar_is_a_value_error(model):
+    with pytest.raises(ValueError, match="grammar"):
+        LlamaSampler().add_grammar(model.vocab, "root ::= (")
+
+
+def test_grammar_constrains_output(model):
+    vocab = model.vocab
+    sampler = LlamaSampler().add_grammar(vocab, 'root ::= "yes" | "no"').add_greedy()
+    tokens = vocab.tokenize("Is the sky blue? Answer:")
+    with LlamaContext(model, n_ctx=128) as ctx, LlamaBatch(128) as batch:
+        batch.set_tokens(tokens, 0)
+        ctx.decode(batch)
+        out = []
+        for pos in range(len(tokens), len(tokens) + 8):
+            token = sampler.sample(ctx)
+            if vocab.is_eog(token):
+                break
+            out.append(token)
+            batch.set_single(token, pos)
+            ctx.decode(batch)
+    assert vocab.detokenize(out) in ("yes", "no")
