@@ -403,7 +403,8 @@ class _Stream:
         cancel_event = llm._cancel_event
         batch = self._batch
         max_tokens = self._config.max_tokens
-        n_ctx = ctx.n_ctx
+        # llama.cpp may round the context up; an explicit n_ctx is the user's limit.
+        n_ctx = min(ctx.n_ctx, self._config.n_ctx or ctx.n_ctx)
         while not self._pending and not self._done:
             if cancel_event.is_set() or self._closing:
                 self._finish("cancelled")

@@ -1,0 +1,243 @@
+"""Two-layer cancellation: between tokens (Event) and inside llama_decode (C flag)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cyllama_cffi import LLM, DecodeAborted, LlamaBatch, LlamaContext
+
+PROMPT = "Write a long story about a dragon who loves cheese."
+SHORT = "The capital of France is"
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 300  # ~3000 tokens, a multi-second prefill
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    with LLM(model_path, temperature=0.0, max_tokens=64) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """Greedy outputs of a fresh LLM, to compare with after cancellations."""
+    with LLM(model_path, temperature=0.0, max_tokens=64) as fresh:
+        return {SHORT: fresh(SHORT).text, PROMPT: fresh(PROMPT).text}
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.001)
+
+
+def start_prefill_in_thread(llm, prompt=LONG_PROMPT, config=None):
+    """Run the first step of a long-prompt stream in a worker; return (stream, thread, result box)."""
+    stream = llm.stream(prompt, config=config or llm.config.replace(max_tokens=8))
+    box = {}
+
+    def run():
+        box["chunks"] = list(stream)
+        box["done_at"] = time.monotonic()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_until(lambda: stream._started)
+    time.sleep(0.3)  # land inside the prefill; asserted below via the KV cache size
+    return stream, worker, box
+
+
+def test_cancel_between_tokens_keeps_partial_output(llm, reference):
+    chunks = []
+    stream = llm(PROMPT, stream=True, config=llm.config.replace(max_tokens=200))
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 5:
+            llm.cancel()
+    assert len(chunks) == 5  # no chunk after the cancel: checked once per token
+    assert stream.finish_reason == "cancelled" and llm.last_finish_reason == "cancelled"
+    assert llm.cancel_requested
+    assert "".join(chunks) == llm.detokenize(stream.generated)
+    # the flag auto-clears: the next call runs to completion and matches a fresh LLM
+    assert llm(PROMPT).text == reference[PROMPT]
+    assert not llm.cancel_requested
+
+
+def test_cancel_from_a_timer_thread(llm):
+    config = llm.config.replace(max_tokens=100000, n_ctx=4096)
+    timer = threading.Timer(0.5, llm.cancel)
+    timer.start()
+    started = time.monotonic()
+    text = "".join(llm(PROMPT, stream=True, config=config))
+    elapsed = time.monotonic() - started
+    timer.join()
+    assert llm.last_finish_reason == "cancelled"
+    assert text and elapsed < 5.0
+    assert 0 < llm.last_stats.generated_tokens < 4000
+
+
+def test_stale_cancel_does_not_leak_into_the_next_call(llm, reference):
+    llm.cancel()
+    llm.cancel()  # idempotent
+    assert llm.cancel_requested
+    response = llm(SHORT)
+    assert response.finish_reason in ("stop", "length") and response.text == reference[SHORT]
+
+
+def test_cancel_before_first_step_yields_nothing(llm):
+    stream = llm(SHORT, stream=True)
+    llm.cancel()
+    assert list(stream) == [] and stream.finish_reason == "cancelled"
+
+
+def test_cancel_mid_prefill_returns_fast_and_follow_up_matches_fresh(llm, reference):
+    stream, worker, box = start_prefill_in_thread(llm)
+    n_prompt = stream.stats.prompt_tokens
+    cancelled_at = time.monotonic()
+    llm.cancel()
+    worker.join(30)
+    latency = box["done_at"] - cancelled_at
+    assert latency < 1.0, f"prefill took {latency:.3f}s to stop"  # a full prefill takes several seconds
+    assert box["chunks"] == [] and stream.finish_reason == "cancelled"
+    assert stream.stats.generated_tokens == 0
+    committed = len(llm._kv_tokens)
+    assert 0 < committed < n_prompt  # really stopped in the middle
+    assert llm._ctx.memory_seq_pos_max(0) + 1 == committed  # KV trimmed to what was committed
+    assert llm(SHORT).text == reference[SHORT]
+
+
+def test_chunked_prefill_stops_even_if_the_backend_ignores_abort(llm, reference):
+    # A callback that never aborts stands in for a GPU backend that ignores the C flag:
+    # the Event check between n_ubatch chunks must still stop the prefill.
+    config = llm.config.replace(max_tokens=8, n_ubatch=64)
+    stream = llm.stream(LONG_PROMPT, config=config)
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(chunks=list(stream), done_at=time.monotonic()))
+    llm._ctx_for_test = None
+    ctx_holder = {}
+
+    def ignore_abort():
+        ctx_holder["called"] = True
+        return False
+
+    # the context for this config exists once the stream is created
+    llm._ctx.set_abort_callback(ignore_abort)
+    try:
+        worker.start()
+        wait_until(lambda: ctx_holder.get("called"))
+        time.sleep(0.2)
+        cancelled_at = time.monotonic()
+        llm.cancel()
+        worker.join(30)
+        assert box["done_at"] - cancelled_at < 1.0
+        assert stream.finish_reason == "cancelled"
+        assert 0 < len(llm._kv_tokens) < stream.stats.prompt_tokens
+    finally:
+        llm._ctx.set_abort_callback(None)
+    assert llm(SHORT, config=config).text == reference[SHORT]
+
+
+def test_context_cancel_is_a_read_write_mirror_of_the_c_flag(model):
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(8) as batch:
+        assert ctx.cancel is False
+        ctx.cancel = True
+        assert ctx.cancel is True
+        batch.set_tokens([1, 2, 3], 0)
+        with pytest.raises(DecodeAborted) as raised:
+            ctx.decode(batch)
+        assert isinstance(raised.value, InterruptedError) and raised.value.n_past == 0
+        ctx.cancel = False
+        ctx.decode(batch)
+        assert ctx.memory_seq_pos_max(0) == 2
+
+
+def test_python_abort_callback_and_its_errors(model, caplog):
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(8) as batch:
+        batch.set_tokens([1, 2, 3], 0)
+        calls = []
+        ctx.set_abort_callback(lambda: calls.append(1) or False)
+        ctx.decode(batch)
+        assert calls
+        ctx.set_abort_callback(lambda: True)
+        with pytest.raises(DecodeAborted):
+            ctx.decode(batch)
+
+        def broken():
+            raise KeyError("boom")
+
+        ctx.set_abort_callback(broken)
+        with caplog.at_level(logging.ERROR, logger="cyllama_cffi"):
+            with pytest.raises(DecodeAborted):
+                ctx.decode(batch)
+        assert any("abort callback raised" in r.message and r.exc_info for r in caplog.records)
+        ctx.set_abort_callback(None)  # back to the C flag
+        ctx.cancel = False
+        ctx.decode(batch)
+        with pytest.raises(TypeError):
+            ctx.set_abort_callback(42)  # type: ignore[arg-type]
+
+
+# -- abandoned, closed and overlapping streams ------------------------------------------
+
+def test_exhausted_stream_left_alive_does_not_block(llm, reference):
+    stream = llm(SHORT, stream=True)
+    list(stream)
+    assert llm(SHORT).text == reference[SHORT]
+    assert list(stream) == []
+
+
+def test_cancelled_stream_left_alive_does_not_block(llm, reference):
+    stream = llm(PROMPT, stream=True)
+    next(stream)
+    llm.cancel()
+    assert llm(SHORT).text == reference[SHORT]  # the old generator object is still alive here
+    assert list(stream) == []  # resuming it ends cleanly
+
+
+def test_closed_stream_does_not_block(llm, reference):
+    stream = llm(PROMPT, stream=True)
+    next(stream)
+    stream.close()
+    assert stream.finish_reason == "cancelled"
+    assert llm(SHORT).text == reference[SHORT]
+    assert list(stream) == []
+
+
+def test_live_stream_makes_a_second_call_raise(llm, reference):
+    stream = llm(PROMPT, stream=True)
+    first = next(stream)
+    with pytest.raises(RuntimeError, match="still running"):
+        llm(SHORT)
+    rest = "".join(stream)  # the live stream is intact
+    assert first + rest == reference[PROMPT]
+
+
+def test_garbage_collected_stream_does_not_block(llm, reference):
+    stream = llm(PROMPT, stream=True)
+    next(stream)
+    del stream
+    gc.collect()
+    assert llm(SHORT).text == reference[SHORT]
+
+
+def test_in_flight_step_in_an_executor_is_waited_for_not_failed(llm, reference):
+    # The FastAPI pattern: next() runs in a worker thread. Cancel, then start the
+    # next call at once, while the worker's decode may still be running.
+    stream = llm(LONG_PROMPT, stream=True, config=llm.config.replace(max_tokens=8))
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(next, stream, None)
+        wait_until(lambda: stream._started)
+        llm.cancel()
+        started = time.monotonic()
+        response = llm(SHORT)
+        assert response.text == reference[SHORT]
+        assert future.result(30) is None  # the old step ended cleanly
+    assert time.monotonic() - started < 30
+    assert list(stream) == []

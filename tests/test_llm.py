@@ -1,0 +1,153 @@
+"""The high-level LLM API: construction, config validation, responses, stats, limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cyllama_cffi import LLM, GenerationConfig, GenerationStats, Response
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    with LLM(model_path, temperature=0.0, max_tokens=24) as instance:
+        yield instance
+
+
+def test_bad_paths_fail_before_llama_cpp(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        LLM(tmp_path / "missing.gguf")
+    with pytest.raises(IsADirectoryError):
+        LLM(tmp_path)
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("this is not a model" * 10)
+    with pytest.raises(ValueError, match="not a GGUF"):
+        LLM(not_gguf)
+
+
+def test_unknown_override_is_a_type_error(model_path):
+    with pytest.raises(TypeError, match="no_such_field"):
+        LLM(model_path, no_such_field=1)
+
+
+def test_overrides_apply_to_a_copy(model_path):
+    base = GenerationConfig(max_tokens=7)
+    with LLM(model_path, config=base, temperature=0.0) as llm:
+        assert llm.config.temperature == 0.0 and llm.config.max_tokens == 7
+    assert base.temperature == 0.8
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", -1), ("temperature", -0.5), ("top_k", -3), ("top_p", 1.5), ("min_p", -0.1),
+    ("repeat_penalty", 0.0), ("mirostat", 3), ("n_ctx", 2), ("n_batch", 0), ("seed", 2**40),
+    ("stop_sequences", [""]), ("n_threads", 0), ("temperature", float("nan")), ("max_tokens", 1.5),
+])
+def test_invalid_config_values(field, value):
+    with pytest.raises(ValueError, match="Invalid GenerationConfig"):
+        GenerationConfig(**{field: value})
+
+
+def test_context_is_created_lazily_and_reused(model_path):
+    with LLM(model_path, temperature=0.0, max_tokens=4) as llm:
+        assert llm._ctx is None
+        llm(PROMPT)
+        first = llm._ctx
+        llm(PROMPT)
+        assert llm._ctx is first
+
+
+def test_response_behaves_like_its_text(llm):
+    response = llm(PROMPT)
+    assert isinstance(response, Response)
+    text = response.text
+    assert str(response) == text and response == text and len(response) == len(text)
+    assert "Paris" in response
+    assert response + "!" == text + "!" and ">" + response == ">" + text
+    data = json.loads(response.to_json())
+    assert data["text"] == text and data["finish_reason"] in ("stop", "length")
+    assert data["stats"]["generated_tokens"] == response.stats.generated_tokens
+
+
+def test_stats_are_measured_not_placeholders(llm):
+    stream = llm.stream(PROMPT)
+    text = "".join(stream)
+    stats = stream.stats
+    assert stats.prompt_tokens == len(llm.tokenize(PROMPT))
+    assert stats.generated_tokens == len(stream.generated) > 0
+    assert stats.prompt_time > 0 and stats.generation_time > 0
+    assert stats.total_time >= stats.prompt_time + stats.generation_time - 1e-6
+    assert stats.tokens_per_second == pytest.approx(stats.generated_tokens / stats.generation_time)
+    assert llm.last_stats is stats and llm.last_finish_reason == stream.finish_reason
+    assert llm.detokenize(stream.generated) == text
+
+
+def test_finish_reason_length_and_stop(llm):
+    response = llm(PROMPT, config=llm.config.replace(max_tokens=3))
+    assert response.finish_reason == "length" and response.stats.generated_tokens == 3
+    full = llm(PROMPT).text
+    stop_at = full.strip().split()[1]
+    stopped = llm(PROMPT, config=llm.config.replace(stop_sequences=[stop_at]))
+    assert stopped.finish_reason == "stop"
+    assert stop_at not in stopped.text and full.startswith(stopped.text)
+
+
+def test_eog_ends_with_stop(llm):
+    prompt = llm.format_chat([{"role": "user", "content": "Say hi."}])
+    response = llm(prompt, config=llm.config.replace(max_tokens=200, parse_special=True))
+    assert response.finish_reason == "stop"
+    assert response.stats.generated_tokens < 200
+
+
+def test_stream_equals_non_stream(llm):
+    assert "".join(llm(PROMPT, stream=True)) == llm(PROMPT).text
+
+
+def test_on_token_sees_every_chunk(llm):
+    seen = []
+    response = llm(PROMPT, on_token=seen.append)
+    assert "".join(seen) == response.text and len(seen) > 1
+
+
+def test_prompt_longer_than_context_is_a_value_error(llm):
+    long_prompt = "word " * 200
+    with pytest.raises(ValueError, match=r"prompt has \d+ tokens but the context holds 64"):
+        llm(long_prompt, config=llm.config.replace(n_ctx=64))
+    assert llm(PROMPT).text  # still usable
+
+
+def test_empty_prompt_is_a_value_error(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm("")
+    with pytest.raises(TypeError):
+        llm(None)  # type: ignore[arg-type]
+
+
+def test_generation_stops_at_a_full_explicit_context(llm):
+    response = llm(PROMPT, config=llm.config.replace(n_ctx=16, max_tokens=100))
+    assert response.finish_reason == "length"
+    assert response.stats.prompt_tokens + response.stats.generated_tokens == 16 + 1  # the last token needs no KV slot
+
+
+def test_sampling_settings_run(llm):
+    for overrides in ({"temperature": 0.7, "seed": 3}, {"temperature": 0.7, "mirostat": 2, "seed": 1},
+                      {"temperature": 0.7, "mirostat": 1, "seed": 1},
+                      {"temperature": 0.9, "repeat_penalty": 1.3, "frequency_penalty": 0.2, "seed": 5}):
+        config = llm.config.replace(**overrides)
+        assert llm(PROMPT, config=config).stats.generated_tokens > 0
+    seeded = llm.config.replace(temperature=0.9, seed=42)
+    assert llm(PROMPT, config=seeded).text == llm(PROMPT, config=seeded).text
+
+
+def test_generation_stats_defaults():
+    assert GenerationStats().to_dict()["generated_tokens"] == 0
+
+
+def test_closed_llm_refuses_work(model_path):
+    llm = LLM(model_path, max_tokens=2)
+    llm.close()
+    llm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        llm(PROMPT)
