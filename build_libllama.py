@@ -135,8 +135,11 @@ def fetch_pinned_sdist() -> Path:
     if not (target.is_file() and sha256_file(target) == PINNED_SDIST_SHA256):
         log(f"fetching {PINNED_SDIST} (llama.cpp source) with pip download")
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            # pip prepares an sdist's metadata even for `download --no-deps`, which
+            # needs llama-cpp-python's build backend (scikit-build-core): keep pip's
+            # build isolation so pip fetches it, nothing is compiled.
             command = [sys.executable, "-m", "pip", "download", "--no-deps",
-                       "--no-binary", ":all:", "--no-build-isolation", PINNED_SDIST, "-d", tmp]
+                       "--no-binary", ":all:", PINNED_SDIST, "-d", tmp]
             result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             fetched = Path(tmp) / PINNED_SDIST_FILE
             if result.returncode != 0 or not fetched.is_file():
