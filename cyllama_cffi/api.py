@@ -81,6 +81,7 @@ class LLM:
         self._closed = False
         self.last_stats: Optional[GenerationStats] = None
         self.last_finish_reason: Optional[str] = None
+        self.last_finished_at: Optional[float] = None  # time.perf_counter() when the last generation ended
 
     # -- cancellation -----------------------------------------------------------------
     def cancel(self) -> None:
@@ -482,5 +483,6 @@ class _Stream:
         if not self._superseded:
             llm.last_stats = stats
             llm.last_finish_reason = reason
+            llm.last_finished_at = now
         self._sampler.close()
         llm._release(self)
