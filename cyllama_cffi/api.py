@@ -78,6 +78,7 @@ class LLM:
         self._state_lock = threading.Lock()
         self._active: Optional["weakref.ReferenceType[_Stream]"] = None
         self._sigint_watchers = 0
+        self._cancel_machinery = True  # only bench/ turns this off, to measure what it costs
         self._closed = False
         self.last_stats: Optional[GenerationStats] = None
         self.last_finish_reason: Optional[str] = None
@@ -262,6 +263,8 @@ class LLM:
             ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
                                n_threads=n_threads)
             ctx.watch_sigint(self._sigint_watchers > 0)
+            if not self._cancel_machinery:
+                ctx._remove_abort_callback()
             self._ctx, self._ctx_key = ctx, key
             self._kv_tokens = []
             self._batch = LlamaBatch(ctx.n_batch)
@@ -402,12 +405,13 @@ class _Stream:
         ctx = self._ctx
         vocab = llm.vocab
         cancel_event = llm._cancel_event
+        check_cancel = llm._cancel_machinery
         batch = self._batch
         max_tokens = self._config.max_tokens
         # llama.cpp may round the context up; an explicit n_ctx is the user's limit.
         n_ctx = min(ctx.n_ctx, self._config.n_ctx or ctx.n_ctx)
         while not self._pending and not self._done:
-            if cancel_event.is_set() or self._closing:
+            if check_cancel and (cancel_event.is_set() or self._closing):
                 self._finish("cancelled")
                 return
             if len(self.generated) >= max_tokens:

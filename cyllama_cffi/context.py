@@ -145,6 +145,10 @@ class LlamaContext(CHandle):
         self._py_abort_handle = ffi.new_handle(self)
         lib.llama_set_abort_callback(pointer, ffi.addressof(lib, "cyl_py_abort"), self._py_abort_handle)
 
+    def _remove_abort_callback(self) -> None:
+        """No abort check at all (benchmarks measure what the check costs)."""
+        lib.llama_set_abort_callback(self.ptr, ffi.NULL, ffi.NULL)
+
     # -- decoding -----------------------------------------------------------
     def _acquire(self) -> None:
         if not self._busy.acquire(blocking=False):

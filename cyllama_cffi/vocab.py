@@ -94,8 +94,16 @@ class LlamaVocab:
 
     # -- text <-> tokens --------------------------------------------------
     def tokenize(self, text: Union[str, bytes], add_special: bool = True, parse_special: bool = False) -> List[int]:
-        """Text to token ids. ``add_special`` adds BOS/EOS as the model wants them."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        """Text to token ids. ``add_special`` adds BOS/EOS as the model wants them.
+
+        ``bytes`` must be valid UTF-8 (``UnicodeDecodeError`` otherwise): some
+        invalid sequences make llama.cpp throw a C++ exception that aborts the process.
+        """
+        if isinstance(text, str):
+            data = text.encode("utf-8")
+        else:
+            data = bytes(text)
+            data.decode("utf-8")  # strict: raises UnicodeDecodeError (a ValueError) on invalid input
         if len(data) >= 2 ** 31 - 1:
             raise ValueError("text too long to tokenize (more than 2 GiB)")
         capacity = len(data) + 8

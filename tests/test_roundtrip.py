@@ -30,13 +30,25 @@ def test_unicode_round_trips(vocab, sample):
     assert vocab.detokenize(tokens) == expected
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
+@settings(max_examples=500, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.binary(max_size=100))
-def test_arbitrary_bytes_tokenize_without_crash(vocab, data):
+def test_arbitrary_bytes_tokenize_or_raise_cleanly(vocab, data):
+    # Some invalid UTF-8 (e.g. f7 98 82 8e, a code point above U+10FFFF) makes llama.cpp
+    # throw an uncaught C++ exception, which aborts the process: bytes are checked first.
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(UnicodeDecodeError):
+            vocab.tokenize(data, add_special=False)
+        return
     tokens = vocab.tokenize(data, add_special=False)
     assert all(0 <= t < vocab.n_tokens for t in tokens)
-    text = vocab.detokenize(tokens)  # never raises: a cut character becomes U+FFFD
-    assert isinstance(text, str)
+    assert isinstance(vocab.detokenize(tokens), str)
+
+
+def test_the_known_process_killer_is_refused(vocab):
+    with pytest.raises(UnicodeDecodeError):
+        vocab.tokenize(bytes.fromhex("14a0f798828ec07d72af"))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)

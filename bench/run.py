@@ -1,0 +1,373 @@
+"""Benchmarks: cyllama_cffi against native llama.cpp built from the same source.
+
+    python bench/run.py                 # everything, default model, 2 threads
+    python bench/run.py --quick         # fewer repeats
+    python bench/run.py --only decode,prefill --json out.json
+
+Native ``llama-bench`` (and this binding) run interleaved in one process tree
+(A, B, A, B, ...), so both see the same machine state; each row reports the
+min and median of the repeats and the ratio of medians. Rows:
+
+  decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
+  prefill   512 and ~4000-token prompts through ``LLM``        vs  pp512 / pp4096
+  cancel    between tokens (cancel() from another thread), mid-prefill, SIGINT mid-prefill
+  machinery decode with the abort callback + per-token check vs without (bench-only switch)
+  startup   import time (fresh process), model load time
+  pypy      decode/prefill rows again under PyPy, when a PyPy venv with the package exists
+  ubatch    prefill throughput and mid-prefill cancel latency for several n_ubatch values
+
+Output: a table on stdout and a JSON file (``bench/results/latest.json`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LONG_UNIT = "The quick brown fox jumps over the lazy dog. "  # 10 tokens with SmolLM2
+DECODE_PROMPT = "Once upon a time, in a land far away,"
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+def summary(values: List[float]) -> Dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values)}
+
+
+# -- native llama-bench ---------------------------------------------------------------
+
+def native_bench_binary() -> Path:
+    import build_libllama
+
+    native = build_libllama.build_native(targets=("llama", "llama-bench"))
+    binary = native.bin_dir / "llama-bench" if native.bin_dir else None
+    if binary is None or not binary.is_file():
+        raise SystemExit("llama-bench was not built (a prebuilt CYLLAMA_LIBLLAMA_DIR has no llama-bench)")
+    return binary
+
+
+def run_llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int,
+                    n_ubatch: int = 512) -> float:
+    """tokens/s of one llama-bench repetition."""
+    command = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+               "-r", "1", "-ub", str(n_ubatch), "-o", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    rows = json.loads(result.stdout)
+    return float(rows[0]["avg_ts"])
+
+
+# -- this binding ---------------------------------------------------------------------------
+
+def make_llm(model: Path, threads: int, **overrides: Any):
+    from cyllama_cffi import LLM
+
+    return LLM(model, temperature=0.0, n_threads=threads, **overrides)
+
+
+def long_prompt(llm, n_tokens: int) -> str:
+    text = LONG_UNIT * (n_tokens // 10 + 2)
+    tokens = llm.tokenize(text)[:n_tokens]
+    return llm.detokenize(tokens)
+
+
+def binding_decode(llm, n_gen: int = 128) -> float:
+    config = llm.config.replace(max_tokens=n_gen, n_ctx=1024)
+    stream = llm.stream(DECODE_PROMPT, config=config)
+    for _ in stream:
+        pass
+    stats = stream.stats
+    if stats.generated_tokens != n_gen:
+        raise RuntimeError(f"decode run produced {stats.generated_tokens} tokens, not {n_gen}")
+    return stats.tokens_per_second
+
+
+def binding_prefill(llm, prompt: str, n_ubatch: int = 512) -> float:
+    config = llm.config.replace(max_tokens=1, n_ctx=8192, n_ubatch=n_ubatch)
+    response = llm(prompt, config=config)
+    return response.stats.prompt_tokens / response.stats.prompt_time
+
+
+def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Callable[[], float],
+                results: Dict[str, Any]) -> None:
+    native_values: List[float] = []
+    our_values: List[float] = []
+    ours()  # warm-up (context creation, caches)
+    for _ in range(repeats):
+        native_values.append(native())
+        our_values.append(ours())
+    row = {"native": summary(native_values), "binding": summary(our_values),
+           "ratio_median": statistics.median(our_values) / statistics.median(native_values)}
+    results[name] = row
+    print(f"{name:<28} native {row['native']['median']:8.1f} tok/s (min {row['native']['min']:.1f})   "
+          f"binding {row['binding']['median']:8.1f} tok/s (min {row['binding']['min']:.1f})   "
+          f"ratio {row['ratio_median']:.3f}", flush=True)
+
+
+# -- cancellation latency ----------------------------------------------------------------------
+
+def cancel_between_tokens(llm, trials: int) -> List[float]:
+    latencies = []
+    config = llm.config.replace(max_tokens=100000, n_ctx=2048)
+    for _ in range(trials):
+        stream = llm.stream(DECODE_PROMPT, config=config)
+        delay = random.uniform(0.05, 0.4)
+        marks: Dict[str, float] = {}
+
+        def cancel() -> None:
+            marks["cancel"] = time.perf_counter()
+            llm.cancel()
+
+        timer = threading.Timer(delay, cancel)
+        timer.start()
+        for _ in stream:
+            pass
+        end = time.perf_counter()
+        timer.join()
+        if stream.finish_reason != "cancelled":
+            raise RuntimeError("generation ended before the cancel")
+        latencies.append(end - marks["cancel"])
+    return latencies
+
+
+def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000, n_ubatch: int = 512) -> List[float]:
+    latencies = []
+    prompt = long_prompt(llm, n_tokens)
+    config = llm.config.replace(max_tokens=4, n_ctx=8192, n_ubatch=n_ubatch)
+    for _ in range(trials):
+        stream = llm.stream(prompt, config=config)
+        marks: Dict[str, float] = {}
+
+        def cancel() -> None:
+            marks["cancel"] = time.perf_counter()
+            llm.cancel()
+
+        timer = threading.Timer(random.uniform(0.2, 3.0), cancel)
+        timer.start()
+        for _ in stream:
+            pass
+        end = time.perf_counter()
+        timer.join()
+        if stream.finish_reason != "cancelled" or stream.stats.generated_tokens:
+            raise RuntimeError("prefill finished before the cancel; use a longer prompt")
+        latencies.append(end - marks["cancel"])
+    return latencies
+
+
+SIGINT_CHILD = r"""
+import sys, time
+from cyllama_cffi import LLM
+llm = LLM(sys.argv[1], temperature=0.0, max_tokens=4, n_threads=int(sys.argv[2]))
+handle = llm.install_sigint_handler()
+stream = llm(sys.argv[3], stream=True)
+print("PREFILL", flush=True)
+for _ in stream:
+    pass
+print("BACK", time.monotonic(), llm.last_finish_reason, flush=True)
+"""
+
+
+def sigint_mid_prefill(model: Path, threads: int, trials: int, prompt: str) -> List[float]:
+    latencies = []
+    for _ in range(trials):
+        child = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, str(model), str(threads), prompt],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().startswith("PREFILL")
+            time.sleep(random.uniform(0.3, 3.0))
+            sent = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            line = child.stdout.readline().split()
+            if len(line) < 3 or line[2] != "cancelled":
+                raise RuntimeError(f"child did not report a cancelled prefill: {line}")
+            latencies.append(float(line[1]) - sent)
+        finally:
+            child.kill()
+            child.wait()
+    return latencies
+
+
+def latency_row(name: str, values: List[float], results: Dict[str, Any]) -> None:
+    row = summary([v * 1000 for v in values])
+    results[name] = {"unit": "ms", **row}
+    print(f"{name:<28} p50 {row['p50']:7.2f} ms   p99 {row['p99']:7.2f} ms   max {row['max']:7.2f} ms   "
+          f"(n={row['n']})", flush=True)
+
+
+# -- startup ---------------------------------------------------------------------------------------
+
+def import_time(python: str, repeats: int) -> List[float]:
+    code = "import time; t = time.perf_counter(); import cyllama_cffi; print(time.perf_counter() - t)"
+    values = []
+    for _ in range(repeats):
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+        values.append(float(out.stdout))
+    return values
+
+
+def load_time(model: Path, repeats: int) -> List[float]:
+    from cyllama_cffi import LlamaModel
+
+    values = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        LlamaModel(model).close()
+        values.append(time.perf_counter() - started)
+    return values
+
+
+# -- PyPy -------------------------------------------------------------------------------------------
+
+def find_pypy() -> Optional[str]:
+    for candidate in (REPO / ".venv-pypy" / "bin" / "python", Path(os.environ.get("CYLLAMA_PYPY", "/nonexistent"))):
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def pypy_rows(pypy: str, model: Path, threads: int, repeats: int) -> Dict[str, Any]:
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from bench import run as b; from pathlib import Path\n"
+        "llm = b.make_llm(Path(sys.argv[2]), int(sys.argv[3])); r = int(sys.argv[4])\n"
+        "b.binding_decode(llm)\n"
+        "out = {'decode': [b.binding_decode(llm) for _ in range(r)],"
+        " 'prefill512': [b.binding_prefill(llm, b.long_prompt(llm, 512)) for _ in range(r)]}\n"
+        "print(json.dumps(out))\n"
+    )
+    result = subprocess.run([pypy, "-c", code, str(REPO), str(model), str(threads), str(repeats)],
+                            capture_output=True, text=True, cwd=str(REPO))
+    if result.returncode != 0:
+        return {"error": result.stderr[-2000:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+def machine_info() -> Dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
+            "implementation": platform.python_implementation(), "platform": platform.platform()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="GGUF (default: the default model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
+    parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+
+    from cyllama_cffi.models import default_model_path
+
+    model = default_model_path(args.model)
+    parts = set(args.only.split(","))
+    repeats = 2 if args.quick else args.repeats
+    results: Dict[str, Any] = {"machine": machine_info(), "threads": args.threads, "model": model.name,
+                               "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    print(f"machine: {results['machine']}  threads: {args.threads}  model: {model.name}", flush=True)
+
+    llm = make_llm(model, args.threads)
+    if parts & {"decode", "prefill", "ubatch"}:
+        binary = native_bench_binary()
+    if "decode" in parts:
+        interleaved("decode tg128", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
+                    lambda: binding_decode(llm), results)
+    if "prefill" in parts:
+        prompt512 = long_prompt(llm, 512)
+        interleaved("prefill pp512", repeats, lambda: run_llama_bench(binary, model, args.threads, 512, 0),
+                    lambda: binding_prefill(llm, prompt512), results)
+        prompt4096 = long_prompt(llm, 4096)
+        interleaved("prefill pp4096", max(2, repeats // 2),
+                    lambda: run_llama_bench(binary, model, args.threads, 4096, 0),
+                    lambda: binding_prefill(llm, prompt4096), results)
+    if "cancel" in parts:
+        latency_row("cancel between tokens", cancel_between_tokens(llm, 10 if args.quick else 40), results)
+        latency_row("cancel mid-prefill", cancel_mid_prefill(llm, 5 if args.quick else 12), results)
+        latency_row("SIGINT mid-prefill", sigint_mid_prefill(model, args.threads, 5 if args.quick else 12,
+                                                             long_prompt(llm, 4000)), results)
+    if "machinery" in parts:
+        plain = make_llm(model, args.threads)
+        plain._cancel_machinery = False
+        with_values, without_values = [], []
+        binding_decode(plain)
+        for _ in range(repeats * 2):
+            with_values.append(binding_decode(llm))
+            without_values.append(binding_decode(plain))
+        plain.close()
+        cost = 1 - statistics.median(with_values) / statistics.median(without_values)
+        results["machinery"] = {"with": summary(with_values), "without": summary(without_values), "cost": cost}
+        print(f"{'cancellation machinery':<28} with {statistics.median(with_values):8.1f} tok/s   without "
+              f"{statistics.median(without_values):8.1f} tok/s   cost {cost * 100:+.2f} %", flush=True)
+    if "startup" in parts:
+        latency_row("import (fresh process)", import_time(sys.executable, repeats * 2), results)
+        latency_row("model load", load_time(model, repeats), results)
+    if "pypy" in parts:
+        pypy = find_pypy()
+        if pypy is None:
+            print("pypy: no .venv-pypy (create it as in the README) - rows skipped", flush=True)
+        else:
+            rows = pypy_rows(pypy, model, args.threads, repeats)
+            results["pypy"] = rows
+            if "error" in rows:
+                print(f"pypy: failed: {rows['error']}", flush=True)
+            else:
+                cpython_decode = [binding_decode(llm) for _ in range(repeats)]
+                cpython_prefill = [binding_prefill(llm, long_prompt(llm, 512)) for _ in range(repeats)]
+                results["pypy_vs_cpython"] = {"decode": statistics.median(rows["decode"]) / statistics.median(cpython_decode),
+                                              "prefill512": statistics.median(rows["prefill512"]) / statistics.median(cpython_prefill)}
+                print(f"{'PyPy decode':<28} {statistics.median(rows['decode']):8.1f} tok/s   CPython "
+                      f"{statistics.median(cpython_decode):8.1f}   ratio {results['pypy_vs_cpython']['decode']:.3f}")
+                print(f"{'PyPy prefill 512':<28} {statistics.median(rows['prefill512']):8.1f} tok/s   CPython "
+                      f"{statistics.median(cpython_prefill):8.1f}   ratio {results['pypy_vs_cpython']['prefill512']:.3f}",
+                      flush=True)
+    if "ubatch" in parts:
+        sweep = {}
+        prompt4000 = long_prompt(llm, 4000)
+        for n_ubatch in (128, 256, 512):
+            speed = [binding_prefill(llm, prompt4000, n_ubatch) for _ in range(2)]
+            latency = [v * 1000 for v in cancel_mid_prefill(llm, 10, 4000, n_ubatch)]
+            sweep[n_ubatch] = {"prefill_tok_s": statistics.median(speed), "cancel_ms": summary(latency)}
+            print(f"n_ubatch {n_ubatch:<5} prefill 4000: {statistics.median(speed):7.1f} tok/s   "
+                  f"mid-prefill cancel p50 {sweep[n_ubatch]['cancel_ms']['p50']:.2f} ms "
+                  f"p99 {sweep[n_ubatch]['cancel_ms']['p99']:.2f} ms", flush=True)
+        results["ubatch_sweep"] = sweep
+    llm.close()
+
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Tiny GGUF models that llama.cpp really loads and decodes with, written by the ``gguf`` package.
+
+Why: robustness tests mutate a model file thousands of times and load each
+mutant; with the 98 MB default model that is far too slow, and a file that is
+not a real model would only exercise the header parser. The model written
+here is a genuine ``llama``-architecture network (F32, 2 layers, n_embd 32,
+random weights) with a SentencePiece-style (``tokenizer.ggml.model = "llama"``)
+vocabulary of 3 special tokens, all 256 byte tokens (so any text tokenizes)
+and a few dozen word pieces: about 200 KB, loaded and decoded in milliseconds.
+
+Only ``gguf.GGUFWriter`` APIs present in both gguf 0.18 (PyPy 3.9) and 0.19
+are used. ``field_map`` walks a written file and returns the byte position of
+every header field (counts, lengths, types, dims, offsets, the alignment), so
+tests can mutate exactly the fields the GGUF parser trusts.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Union
+
+import numpy as np
+
+ARCH = "llama"
+# Word pieces after the 3 specials and 256 bytes; "\u2581" is SentencePiece's space marker.
+_WORDS = ["\u2581", "\u2581the", "\u2581a", "\u2581cat", "\u2581dog", "\u2581sat", "\u2581on", "\u2581mat",
+          "\u2581hello", "\u2581world", "\u2581once", "\u2581upon", "\u2581time", "\u2581capital", "\u2581of",
+          "\u2581is", "\u2581France", "\u2581Paris", "th", "he", "in", "er", "an", "re", "on", "at", "en",
+          "nd", "ti", "es", "or", "te", "of", "ed", "is", "it", "al", "ar", "st", "to", "nt", "ng"]
+_WORDS += [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+# GGUF token types (llama_token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
+
+
+class TinySpec(NamedTuple):
+    """Shape of a tiny model; the defaults load and decode in milliseconds."""
+
+    n_embd: int = 32
+    n_layer: int = 2
+    n_head: int = 2
+    n_head_kv: int = 2
+    n_ff: int = 64
+    n_ctx_train: int = 256
+    seed: int = 1234
+    std: float = 0.3  # large enough that greedy output varies with the prompt
+    alignment: Optional[int] = None  # None: no general.alignment key (GGUF's default, 32)
+
+
+def vocabulary() -> List[str]:
+    """Token texts: <unk>, <s>, </s>, <0x00>..<0xFF>, then the word pieces."""
+    return ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _WORDS
+
+
+def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None) -> Path:
+    """Write a loadable, decodable tiny llama model to ``path`` and return the path."""
+    spec = spec or TinySpec()
+    import gguf  # imported here so importing this module never needs gguf
+
+    path = Path(path)
+    tokens = vocabulary()
+    n_vocab = len(tokens)
+    scores = [0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS))]
+    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(_WORDS)
+    head_dim = spec.n_embd // spec.n_head
+
+    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer.add_name("tiny-llama-test")
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(0)  # ALL_F32
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if spec.alignment is not None:
+        writer.add_custom_alignment(spec.alignment)
+
+    rng = np.random.default_rng(spec.seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * spec.std).astype(np.float32)
+
+    kv_dim = head_dim * spec.n_head_kv
+    # numpy shapes are (rows, cols) = ggml's (ne1, ne0) reversed
+    writer.add_tensor("token_embd.weight", weight(n_vocab, spec.n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd))
+    for layer in range(spec.n_layer):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+        writer.add_tensor(prefix + "attn_q.weight", weight(spec.n_embd, spec.n_embd))
+        writer.add_tensor(prefix + "attn_k.weight", weight(kv_dim, spec.n_embd))
+        writer.add_tensor(prefix + "attn_v.weight", weight(kv_dim, spec.n_embd))
+        writer.add_tensor(prefix + "attn_output.weight", weight(spec.n_embd, spec.n_embd))
+        writer.add_tensor(prefix + "ffn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
+        writer.add_tensor(prefix + "ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(prefix + "ffn_up.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(prefix + "ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# -- where the header fields are ---------------------------------------------------------
+
+class Field(NamedTuple):
+    """One fixed-width integer field of a GGUF header: where it is and what it means."""
+
+    offset: int
+    width: int  # bytes: 4 or 8
+    kind: str   # n_tensors, n_kv, key_len, value_type, array_type, array_len, string_len,
+                # name_len, n_dims, dim, tensor_type, tensor_offset, alignment, value
+    label: str  # human-readable: which key or tensor
+
+
+_SCALAR_WIDTH = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def field_map(data: bytes) -> List[Field]:
+    """Every integer field of a well-formed GGUF header, in file order.
+
+    Scalar metadata values of 4 or 8 bytes are included as kind ``value``
+    (e.g. ``llama.block_count``): llama.cpp trusts some of them as much as
+    the structural fields.
+    """
+    fields: List[Field] = []
+    pos = 24
+    fields += [Field(8, 8, "n_tensors", "header"), Field(16, 8, "n_kv", "header")]
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+
+    def string(kind: str, label: str) -> bytes:
+        nonlocal pos
+        (length,) = struct.unpack_from("<Q", data, pos)
+        fields.append(Field(pos, 8, kind, label))
+        pos += 8
+        value = data[pos:pos + length]
+        pos += length
+        return value
+
+    for _ in range(n_kv):
+        key = string("key_len", "key").decode()
+        (value_type,) = struct.unpack_from("<I", data, pos)
+        fields.append(Field(pos, 4, "value_type", key))
+        pos += 4
+        if value_type == 8:
+            string("string_len", key)
+        elif value_type == 9:
+            (element_type, count) = struct.unpack_from("<IQ", data, pos)
+            fields.append(Field(pos, 4, "array_type", key))
+            fields.append(Field(pos + 4, 8, "array_len", key))
+            pos += 12
+            if element_type == 8:
+                for index in range(count):
+                    string("string_len", f"{key}[{index}]")
+            else:
+                pos += count * _SCALAR_WIDTH[element_type]
+        else:
+            width = _SCALAR_WIDTH[value_type]
+            if width >= 4:
+                fields.append(Field(pos, width, "alignment" if key == "general.alignment" else "value", key))
+            pos += width
+    for _ in range(n_tensors):
+        name = string("name_len", "tensor").decode()
+        (n_dims,) = struct.unpack_from("<I", data, pos)
+        fields.append(Field(pos, 4, "n_dims", name))
+        pos += 4
+        for axis in range(n_dims):
+            fields.append(Field(pos, 8, "dim", f"{name}[{axis}]"))
+            pos += 8
+        fields.append(Field(pos, 4, "tensor_type", name))
+        fields.append(Field(pos + 4, 8, "tensor_offset", name))
+        pos += 12
+    return fields
+
+
+def header_size(data: bytes) -> int:
+    """Bytes before the (aligned) tensor data section starts, unaligned."""
+    last = field_map(data)[-1]
+    return last.offset + last.width
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python tests/tiny_gguf.py out.gguf
+    import sys
+
+    target = write_tiny_llama(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")
+    print(target, target.stat().st_size, "bytes")
