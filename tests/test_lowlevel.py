@@ -202,3 +202,41 @@ def test_grammar_constrains_output(model):
             batch.set_single(token, pos)
             ctx.decode(batch)
     assert vocab.detokenize(out) in ("yes", "no")
+
+
+def test_model_load_reports_progress(model_path):
+    seen = []
+    with LlamaModel(model_path, progress_callback=seen.append):
+        pass
+    assert seen and seen[-1] == pytest.approx(1.0)
+    assert seen == sorted(seen)
+
+
+def test_model_load_can_be_cancelled(model_path):
+    with pytest.raises(InterruptedError, match="cancelled"):
+        LlamaModel(model_path, progress_callback=lambda progress: False)
+    event = threading.Event()
+    event.set()
+    with pytest.raises(InterruptedError):
+        LlamaModel(model_path, cancel_event=event)
+
+
+def test_progress_callback_errors_propagate(model_path):
+    def broken(progress):
+        raise KeyError("from the callback")
+
+    with pytest.raises(KeyError, match="from the callback"):
+        LlamaModel(model_path, progress_callback=broken)
+
+
+def test_kv_memory_helpers(model):
+    with LlamaContext(model, n_ctx=64) as ctx, LlamaBatch(16) as batch:
+        assert ctx.memory_seq_pos_max(0) == -1
+        batch.set_tokens(model.vocab.tokenize(PROMPT), 0)
+        ctx.decode(batch)
+        n = len(model.vocab.tokenize(PROMPT))
+        assert (ctx.memory_seq_pos_min(0), ctx.memory_seq_pos_max(0)) == (0, n - 1)
+        assert ctx.memory_seq_rm(0, 2, -1)
+        assert ctx.memory_seq_pos_max(0) == 1
+        ctx.memory_clear()
+        assert ctx.memory_seq_pos_max(0) == -1
