@@ -1,16 +1,16 @@
 """``LlamaBatch``: owns the C arrays of one ``llama_batch`` (``llama_batch_init``).
 
-The arrays are exposed as zero-copy numpy views, so filling a prefill chunk is
-one vectorised copy and the single-token batch of the generation loop is
-reused without any allocation. The arrays live as long as the batch object;
+Filling a prefill chunk is one ``memmove`` per array (from an ``array('i')``),
+and the single-token batch of the generation loop is reused without any
+allocation. numpy is deliberately not used here: importing it would double
+the package's import time. The arrays live as long as the batch object;
 ``LlamaContext.decode`` keeps the batch referenced while it runs.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
-
-import numpy as np
+from array import array
+from typing import Sequence
 
 from ._ffi import ffi, lib
 from ._handle import CHandle
@@ -36,11 +36,7 @@ class LlamaBatch(CHandle):
         super().__init__(holder, _free_batch)
         self.capacity = capacity
         self.n_seq_max = n_seq_max
-        self.tokens = np.frombuffer(ffi.buffer(holder.token, capacity * 4), dtype=np.int32)
-        self.positions = np.frombuffer(ffi.buffer(holder.pos, capacity * 4), dtype=np.int32)
-        self.n_seq_ids = np.frombuffer(ffi.buffer(holder.n_seq_id, capacity * 4), dtype=np.int32)
-        self.logits = np.frombuffer(ffi.buffer(holder.logits, capacity), dtype=np.int8)
-        self.n_seq_ids[:] = 1
+        ffi.memmove(holder.n_seq_id, array("i", [1]) * capacity, 4 * capacity)
         for index in range(capacity):
             holder.seq_id[index][0] = 0
         self._default_seq = True
@@ -52,18 +48,22 @@ class LlamaBatch(CHandle):
     def clear(self) -> None:
         self.ptr.n_tokens = 0
 
-    def set_tokens(self, tokens: Union[Sequence[int], np.ndarray], start_pos: int, seq_id: int = 0,
+    def set_tokens(self, tokens: Sequence[int], start_pos: int, seq_id: int = 0,
                    logits_last: bool = True) -> None:
         """Fill the batch with consecutive positions of one sequence (a prefill chunk)."""
         holder = self.ptr
         count = len(tokens)
         if count > self.capacity:
             raise ValueError(f"{count} tokens do not fit a batch of capacity {self.capacity}")
-        self.tokens[:count] = tokens
-        self.positions[:count] = np.arange(start_pos, start_pos + count, dtype=np.int32)
-        self.logits[:count] = 0
+        try:
+            values = array("i", tokens)
+        except OverflowError:
+            raise ValueError("token ids must fit in int32") from None
+        ffi.memmove(holder.token, values, 4 * count)
+        ffi.memmove(holder.pos, array("i", range(start_pos, start_pos + count)), 4 * count)
+        ffi.memmove(holder.logits, bytes(count), count)
         if count and logits_last:
-            self.logits[count - 1] = 1
+            holder.logits[count - 1] = 1
         self._use_single_sequence(holder, seq_id, count)
         holder.n_tokens = count
 
@@ -95,10 +95,21 @@ class LlamaBatch(CHandle):
         if len(seq_ids) != 1 or seq_ids[0] != 0:
             self._default_seq = False
 
+    def token_list(self) -> list:
+        """The token ids currently in the batch."""
+        holder = self.ptr
+        return ffi.unpack(holder.token, holder.n_tokens)
+
+    def logit_rows(self) -> list:
+        """Indices of the rows whose logits will be computed."""
+        holder = self.ptr
+        flags = ffi.unpack(holder.logits, holder.n_tokens)
+        return [index for index, flag in enumerate(flags) if flag]
+
     def _use_single_sequence(self, holder, seq_id: int, count: int) -> None:
         if seq_id == 0 and self._default_seq:
             return
-        self.n_seq_ids[:count] = 1
+        ffi.memmove(holder.n_seq_id, array("i", [1]) * count, 4 * count)
         for index in range(count):
             holder.seq_id[index][0] = seq_id
         self._default_seq = seq_id == 0 and count == self.capacity

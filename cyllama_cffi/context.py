@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._ffi import ffi, lib
 from ._handle import CHandle
 from .batch import LlamaBatch
 from .errors import ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
 from .model import LlamaModel
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger("cyllama_cffi")
 
@@ -174,9 +175,9 @@ class LlamaContext(CHandle):
             if not 0 <= token < self._n_vocab:
                 raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
         else:
-            tokens = batch.tokens[:count]
-            if tokens.min() < 0 or tokens.max() >= self._n_vocab:
-                bad = int(tokens[(tokens < 0) | (tokens >= self._n_vocab)][0])
+            tokens = batch.token_list()
+            if min(tokens) < 0 or max(tokens) >= self._n_vocab:
+                bad = next(t for t in tokens if not 0 <= t < self._n_vocab)
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self._n_vocab})")
         self._acquire()
         try:
@@ -187,7 +188,7 @@ class LlamaContext(CHandle):
                 if count == 1:
                     self._logit_rows = (0,) if holder.logits[0] else ()
                 else:
-                    self._logit_rows = frozenset(np.flatnonzero(batch.logits[:count]).tolist())
+                    self._logit_rows = frozenset(batch.logit_rows())
                 return
         finally:
             self._busy.release()
@@ -216,13 +217,15 @@ class LlamaContext(CHandle):
         return index in rows
 
     # -- outputs --------------------------------------------------------------
-    def get_logits_ith(self, index: int = -1) -> np.ndarray:
+    def get_logits_ith(self, index: int = -1) -> "np.ndarray":
         """Zero-copy float32 view of the logits of batch row ``index`` (valid until the next decode)."""
         if not self.has_logits(index):
             raise RuntimeError(f"no logits at batch index {index}: decode a batch with logits for that row first")
         pointer = lib.llama_get_logits_ith(self.ptr, index)
         if pointer == ffi.NULL:
             raise RuntimeError(f"llama.cpp has no logits at index {index}")
+        import numpy as np  # only here: importing numpy would double the package's import time
+
         return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
 
     # -- memory (KV cache) ----------------------------------------------------

@@ -6,9 +6,8 @@ outside ``[0, n_vocab)`` in ``llama_token_to_piece`` / ``llama_vocab_get_text``.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING, Iterable, List, Sequence, Union
-
-import numpy as np
 
 from ._ffi import ffi, lib
 
@@ -69,15 +68,13 @@ class LlamaVocab:
             raise ValueError(f"token id {token} is outside the vocabulary [0, {self.n_tokens})")
         return token
 
-    def check_tokens(self, tokens: Union[Sequence[int], np.ndarray]) -> np.ndarray:
-        """Tokens as a contiguous int32 array, all ids checked (one vectorised pass)."""
-        array = np.ascontiguousarray(tokens, dtype=np.int64)
-        if array.ndim != 1:
-            raise ValueError("tokens must be a flat sequence of ints")
-        if array.size and (array.min() < 0 or array.max() >= self.n_tokens):
-            bad = int(array[(array < 0) | (array >= self.n_tokens)][0])
+    def check_tokens(self, tokens: Iterable[int]) -> "array[int]":
+        """Tokens as a contiguous int32 array, all ids checked."""
+        values = [int(t) for t in tokens]
+        if values and (min(values) < 0 or max(values) >= self.n_tokens):
+            bad = next(t for t in values if not 0 <= t < self.n_tokens)
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.n_tokens})")
-        return array.astype(np.int32)
+        return array("i", values)
 
     def is_eog(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self.ptr, self.check_token(token)))
@@ -134,13 +131,16 @@ class LlamaVocab:
 
     def detokenize_bytes(self, tokens: Iterable[int], remove_special: bool = False,
                          unparse_special: bool = False) -> bytes:
-        array = self.check_tokens(list(tokens) if not isinstance(tokens, (list, tuple, np.ndarray)) else tokens)
+        values = self.check_tokens(tokens)
         vocab = self.ptr
-        token_buffer = ffi.from_buffer("llama_token[]", array)
-        capacity = max(16, array.size * 8)
+        count = len(values)
+        token_buffer = ffi.new("llama_token[]", count) if count else ffi.NULL
+        if count:
+            ffi.memmove(token_buffer, values, 4 * count)
+        capacity = max(16, count * 8)
         while True:
             text = ffi.new("char[]", capacity)
-            length = lib.llama_detokenize(vocab, token_buffer, array.size, text, capacity,
+            length = lib.llama_detokenize(vocab, token_buffer, count, text, capacity,
                                           remove_special, unparse_special)
             if length >= 0:
                 return ffi.buffer(text, length)[:]
