@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct cyl_cancel {
     int flag;                  /* set by cancel(), read by the abort callback */
@@ -105,9 +106,20 @@ static int g_log_threshold = GGML_LOG_LEVEL_ERROR;
 static int g_log_enabled = 1;
 static int g_log_last_level = GGML_LOG_LEVEL_INFO;
 
+/* An aborted decode is a requested outcome, not an error: llama.cpp still logs
+ * it at ERROR level from the decoding thread. Treat those lines as DEBUG so the
+ * quiet default never calls into Python (and never waits for the GIL) there. */
+static int cyl_is_abort_report(const char *text) {
+    return strstr(text, "failed with error 1") != NULL          /* GGML_STATUS_ABORTED */
+        || strstr(text, "compute status: 1") != NULL
+        || strstr(text, "failed to decode, ret = 2") != NULL;
+}
+
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data) {
     (void)user_data;
     int effective = (level == GGML_LOG_LEVEL_CONT) ? g_log_last_level : (int)level;
+    if (effective == GGML_LOG_LEVEL_ERROR && text != NULL && cyl_is_abort_report(text))
+        effective = GGML_LOG_LEVEL_DEBUG;
     g_log_last_level = effective;
     if (text != NULL && __atomic_load_n(&g_log_enabled, __ATOMIC_SEQ_CST)
         && effective >= __atomic_load_n(&g_log_threshold, __ATOMIC_SEQ_CST))
