@@ -240,3 +240,18 @@ def test_in_flight_step_in_an_executor_is_waited_for_not_failed(llm, reference):
         assert future.result(30) is None  # the old step ended cleanly
     assert time.monotonic() - started < 30
     assert list(stream) == []
+
+
+def test_an_abort_is_not_reported_as_an_error(model_path):
+    # llama.cpp logs an aborted decode at ERROR level; the shim files it under DEBUG, so a
+    # cancel neither spams stderr through logging's last-resort handler nor waits for the GIL.
+    import subprocess
+    import sys
+
+    code = ("import cyllama_cffi as c\n"
+            f"m = c.LlamaModel({str(model_path)!r}); ctx = c.LlamaContext(m, n_ctx=64); b = c.LlamaBatch(8)\n"
+            "b.set_tokens([1, 2, 3], 0); ctx.cancel = True\n"
+            "try:\n    ctx.decode(b)\nexcept c.DecodeAborted:\n    print('aborted')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "aborted"
+    assert result.stderr == ""
