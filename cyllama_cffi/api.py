@@ -91,13 +91,13 @@ class LLM:
         Safe from any thread and from signal handlers; idempotent and cheap.
         A cancel with nothing running is forgotten when the next generation starts.
         """
-        self._cancel_event.set()
         ctx = self._ctx
-        if ctx is not None:
+        if ctx is not None:  # the C flag first: a running decode stops at its next graph node
             try:
                 ctx.cancel = True
             except ClosedError:  # pragma: no cover - closing concurrently
                 pass
+        self._cancel_event.set()
 
     @property
     def cancel_requested(self) -> bool:
