@@ -1,0 +1,60 @@
+"""Turn a bench/run.py JSON file into the Markdown tables of docs/performance.md.
+
+    python bench/report.py bench/results/latest.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    data = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/latest.json").read_text())
+    machine = data["machine"]
+    print(f"Machine: {machine['cores_usable']} usable cores, {machine['cpu']}, {machine['platform']}, "
+          f"{machine['implementation']} {machine['python']}; threads: {data['threads']}; model: {data['model']}.\n")
+    print(f"Command: `{data['command']}`\n")
+    throughput = [k for k in ("decode tg128", "prefill pp512", "prefill pp4096") if k in data]
+    if throughput:
+        print("| row | native llama-bench (median, min) | cyllama_cffi (median, min) | ratio of medians |")
+        print("|---|---|---|---|")
+        for key in throughput:
+            row = data[key]
+            print(f"| {key} | {row['native']['median']:.1f} ({row['native']['min']:.1f}) tok/s | "
+                  f"{row['binding']['median']:.1f} ({row['binding']['min']:.1f}) tok/s | {row['ratio_median']:.3f} |")
+        print()
+    latencies = [k for k in ("cancel between tokens", "cancel mid-prefill", "SIGINT mid-prefill",
+                             "import (fresh process)", "model load") if k in data]
+    if latencies:
+        print("| latency | p50 | p99 | max | trials |")
+        print("|---|---|---|---|---|")
+        for key in latencies:
+            row = data[key]
+            print(f"| {key} | {row['p50']:.2f} ms | {row['p99']:.2f} ms | {row['max']:.2f} ms | {row['n']} |")
+        print()
+    if "machinery" in data:
+        row = data["machinery"]
+        print(f"Cancellation machinery (abort callback + per-token check) on decode: with "
+              f"{row['with']['median']:.1f} tok/s, without {row['without']['median']:.1f} tok/s, "
+              f"cost {row['cost'] * 100:+.2f} % (median of {row['with']['n']} runs each).\n")
+    if "pypy_vs_cpython" in data:
+        pypy, ratio = data["pypy"], data["pypy_vs_cpython"]
+        import statistics
+        print("| PyPy row | PyPy (median) | PyPy / CPython |")
+        print("|---|---|---|")
+        print(f"| decode 128 | {statistics.median(pypy['decode']):.1f} tok/s | {ratio['decode']:.3f} |")
+        print(f"| prefill 512 | {statistics.median(pypy['prefill512']):.1f} tok/s | {ratio['prefill512']:.3f} |")
+        print()
+    if "ubatch_sweep" in data:
+        print("| n_ubatch | prefill 4000 tokens | mid-prefill cancel p50 | p99 |")
+        print("|---|---|---|---|")
+        for size, row in data["ubatch_sweep"].items():
+            print(f"| {size} | {row['prefill_tok_s']:.1f} tok/s | {row['cancel_ms']['p50']:.2f} ms | "
+                  f"{row['cancel_ms']['p99']:.2f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
