@@ -13,18 +13,28 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, NamedTuple, Tuple, Union
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_NAME = 64  # GGML_MAX_NAME, including the terminating NUL
 MAX_DIMS = 4
+TENSOR_ALIGNMENT = 32  # ggml-backend's TENSOR_ALIGNMENT: mapped tensor data must start on it
 
 # GGUF value types -> struct format of one scalar (None: variable length)
 _SCALARS: Dict[int, str] = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
                             10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+
+
+class _Array(NamedTuple):
+    """An array value: its element type, length and where its elements start."""
+
+    element_type: int
+    count: int
+    start: int
 
 
 class InvalidGGUFError(ValueError):
@@ -70,6 +80,7 @@ def _skip_value(reader: _Reader, value_type: int, key: str, depth: int = 0) -> o
             raise reader.fail(f"nested array in {key}")
         element_type = reader.scalar("I", f"array type of {key}")
         count = reader.scalar("Q", f"array length of {key}")
+        array = _Array(element_type, count, reader.pos)
         if element_type in _SCALARS:
             width = struct.calcsize("<" + _SCALARS[element_type])
             if count > (reader.size - reader.pos) // max(width, 1):
@@ -78,18 +89,27 @@ def _skip_value(reader: _Reader, value_type: int, key: str, depth: int = 0) -> o
         elif element_type == _STRING:
             if count > (reader.size - reader.pos) // 8:
                 raise reader.fail(f"array {key} claims {count} strings, more than the file holds")
+            # the hot loop of the check (a vocabulary has 10^5 strings): no helper calls
+            unpack, data, size, pos = _U64.unpack_from, reader.data, reader.size, reader.pos
             for _ in range(count):
-                length = reader.scalar("Q", f"string length in {key}")
-                reader.need(length, f"string in {key}")
-                reader.pos += length
+                if pos + 8 > size:
+                    reader.pos = pos
+                    raise reader.fail(f"truncated: string length in {key} needs 8 bytes")
+                (length,) = unpack(data, pos)
+                pos += 8
+                if pos + length > size:
+                    reader.pos = pos
+                    raise reader.fail(f"truncated: string in {key} needs {length} bytes")
+                pos += length
+            reader.pos = pos
         else:
             raise reader.fail(f"array {key} has invalid element type {element_type}")
-        return None
+        return array
     raise reader.fail(f"key {key} has invalid value type {value_type}")
 
 
 def _tensor_nbytes(ggml_type: int, dims: Tuple[int, ...], name: str, reader: _Reader) -> int:
-    from ._ffi import lib  # the type table lives in ggml
+    from ._ffi import ffi, lib  # the type table lives in ggml
 
     if not 0 <= ggml_type < lib.GGML_TYPE_COUNT:
         raise reader.fail(f"tensor {name} has invalid type {ggml_type}")
@@ -97,6 +117,11 @@ def _tensor_nbytes(ggml_type: int, dims: Tuple[int, ...], name: str, reader: _Re
     type_size = lib.ggml_type_size(ggml_type)
     if block <= 0 or type_size <= 0:
         raise reader.fail(f"tensor {name} uses removed type {ggml_type}")
+    if lib.ggml_get_type_traits_cpu(ggml_type).vec_dot == ffi.NULL:
+        # I8..I64, F64, Q8_1, Q8_K: llama.cpp loads them, then the first decode
+        # segfaults or aborts in the CPU backend, which cannot compute with them.
+        type_name = ffi.string(lib.ggml_type_name(ggml_type)).decode()
+        raise reader.fail(f"tensor {name} has type {type_name}, which llama.cpp cannot compute with")
     if dims[0] % block:
         raise reader.fail(f"tensor {name}: first dimension {dims[0]} is not a multiple of block size {block}")
     nbytes = dims[0] // block * type_size
@@ -139,6 +164,7 @@ def _check(reader: _Reader) -> Dict[str, object]:
 
     alignment = DEFAULT_ALIGNMENT
     keys = set()
+    metadata: Dict[str, Tuple[int, object]] = {}
     for _ in range(n_kv):
         key = reader.string("metadata key")
         try:
@@ -150,6 +176,8 @@ def _check(reader: _Reader) -> Dict[str, object]:
         keys.add(key_text)
         value_type = reader.scalar("I", f"type of {key_text}")
         value = _skip_value(reader, value_type, key_text)
+        # llama.cpp looks keys up as C strings: "a\0b" answers for "a", and the first one wins
+        metadata.setdefault(key_text.split("\0", 1)[0], (value_type, value))
         if key_text == "general.alignment":
             if value_type != 4 or not isinstance(value, int) or value == 0 or value & (value - 1):
                 raise reader.fail(f"general.alignment must be a power-of-two uint32, got {value!r}")
@@ -182,10 +210,18 @@ def _check(reader: _Reader) -> Dict[str, object]:
     for name, dims, ggml_type, offset in tensors:
         if offset % alignment:
             raise reader.fail(f"tensor {name} offset {offset} is not aligned to {alignment}")
+        if (data_start + offset) % TENSOR_ALIGNMENT:
+            # llama.cpp maps the file and hands the CPU backend pointers into it:
+            # GGML_ASSERT(ptr % TENSOR_ALIGNMENT == 0) in ggml_backend_cpu_buffer_from_ptr.
+            raise reader.fail(f"tensor {name} data starts at file byte {data_start + offset}, not a multiple "
+                              f"of {TENSOR_ALIGNMENT} (general.alignment {alignment} is too small)")
         nbytes = _tensor_nbytes(ggml_type, dims, name, reader)
         if offset + nbytes > data_size:
             raise reader.fail(f"tensor {name} needs bytes {offset}..{offset + nbytes} "
                               f"but the data section holds {data_size}")
+    from .gguf_semantics import check_metadata  # what llama.cpp asserts on, beyond the structure
+
+    check_metadata(reader.data, metadata, lambda what: InvalidGGUFError(f"{reader.path}: {what}"))
     return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": alignment}
 
 

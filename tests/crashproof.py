@@ -10,8 +10,9 @@ worker takes the remaining cases. Starting a child costs ~0.3 s, a case a few
 milliseconds, so cases are batched.
 
 Protocol: the parent writes one JSON object per line (``{"id", "op", "arg"}``);
-the worker answers ``START <id>`` before it runs the case and ``RESULT <json>``
-after. Run as a script, this module *is* the worker.
+the worker answers ``START <id>`` before it runs the case (and marks the same
+in its stderr, so a crash report shows only that case's output) and
+``RESULT <json>`` after. Run as a script, this module *is* the worker.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,34 +53,43 @@ class Outcome(NamedTuple):
 
 class Case(NamedTuple):
     case_id: str
-    op: str   # "file": load + generate with the file at arg; "api": run tests/robustness_cases.py:CASES[arg]
+    op: str   # "file": load + generate with the file at arg ("file_unchecked": without the GGUF
+              # pre-check); "mutate": the same on a mutant (see mutant_case);
+              # "api": "name::model" runs tests/robustness_cases.py's CASES[name]
     arg: str
 
 
 class Worker:
     """One worker child; ``run(cases)`` restarts it after a crash and carries on with the rest."""
 
-    def __init__(self, model_path: Optional[str] = None, timeout: float = 60.0,
-                 python: Optional[str] = None) -> None:
-        self.model_path = model_path
+    def __init__(self, timeout: float = 60.0, python: Optional[str] = None, prefix: Sequence[str] = ()) -> None:
         self.timeout = timeout
         self.python = python or sys.executable
+        self.prefix = list(prefix)  # e.g. setpriv, to run the worker with fewer privileges
         self.process: Optional[subprocess.Popen] = None
         self.crashes = 0
         self.starts = 0
+        self._buffer = b""
+        self._stderr: Any = None
+        self._scratch = tempfile.TemporaryDirectory(prefix="cyllama-worker-")  # mutants a crash left
 
     # -- child lifetime ------------------------------------------------------------
     def _start(self) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONFAULTHANDLER="1", CYLLAMA_WORKER_MODEL=self.model_path or "")
+        env = dict(os.environ, PYTHONFAULTHANDLER="1", CYLLAMA_WORKER_SCRATCH=self._scratch.name)
         self.starts += 1
-        self.process = subprocess.Popen([self.python, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+        self._buffer = b""
+        # stderr goes to a file: llama.cpp logs every refused file there, and a pipe nobody
+        # reads would fill up and block the child (a false "hang").
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.prefix + [self.python, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self._stderr, env=env, bufsize=0)
         return self.process
 
     def close(self) -> None:
         process = self.process
         self.process = None
         if process is None:
+            self._scratch.cleanup()
             return
         try:
             process.stdin.close()
@@ -84,8 +97,9 @@ class Worker:
         except (OSError, subprocess.TimeoutExpired):
             process.kill()
             process.wait()
-        for stream in (process.stdout, process.stderr):
-            stream.close()
+        process.stdout.close()
+        self._stderr.close()
+        self._scratch.cleanup()
 
     def __enter__(self) -> "Worker":
         return self
@@ -95,51 +109,43 @@ class Worker:
 
     def _readline(self, process: subprocess.Popen, deadline: float) -> Optional[bytes]:
         """One line from the child, or None on EOF / timeout (the caller tells which)."""
-        line = b""
-        while not line.endswith(b"\n"):
+        while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
             ready, _, _ = select.select([process.stdout], [], [], remaining)
             if not ready:
                 return None
-            byte = process.stdout.read(1)
-            if not byte:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
                 return None
-            line += byte
-        return line
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line + b"\n"
 
     # -- running cases ---------------------------------------------------------------
     def run(self, cases: Iterable[Case]) -> List[Outcome]:
         """All ``cases`` in order, batched; a crash or hang ends only the case that had started."""
-        pending = list(cases)
+        queue = deque(cases)
         outcomes: List[Outcome] = []
-        while pending:
+        while queue:
             process = self.process if self.process and self.process.poll() is None else self._start()
-            try:
-                process.stdin.write(b"".join(json.dumps(case._asdict()).encode() + b"\n" for case in pending))
-                process.stdin.flush()
-            except BrokenPipeError:
-                pass  # it died before reading; the loop below finds out how
-            started: Optional[str] = None
-            by_id = {case.case_id: case for case in pending}
-            while pending:
+            # Fed from a thread: writing everything first would deadlock once both pipes are full.
+            feeder = threading.Thread(target=_feed, args=(process, list(queue)), daemon=True)
+            feeder.start()
+            while queue:
                 line = self._readline(process, time.monotonic() + self.timeout)
-                if line is None:  # EOF (crash) or timeout (hang): blame the case that started
-                    outcomes.append(self._failure(process, started or pending[0].case_id))
-                    done = started or pending[0].case_id
-                    pending = [case for case in pending if case.case_id != done]
+                if line is None:  # EOF (a crash) or a timeout (a hang), in the case at the front
+                    outcomes.append(self._failure(process, queue.popleft().case_id))
                     break
                 text = line.decode("utf-8", "replace").rstrip("\n")
-                if text.startswith("START "):
-                    started = text[6:]
-                elif text.startswith("RESULT "):
+                if text.startswith("RESULT "):  # the worker answers in order
                     data = json.loads(text[7:])
+                    case = queue.popleft()
+                    assert data["id"] == case.case_id, (data["id"], case.case_id)
                     outcomes.append(Outcome(data["id"], data["status"], data.get("error", ""),
                                             tuple(data.get("mro", ())), data.get("message", "")))
-                    pending = [case for case in pending if case.case_id != data["id"]]
-                    by_id.pop(data["id"], None)
-                    started = None
+            feeder.join(self.timeout)
         return outcomes
 
     def run_one(self, case: Case) -> Outcome:
@@ -153,8 +159,11 @@ class Worker:
             process.kill()
             returncode = process.wait()
             status = "hang"
-        stderr = process.stderr.read().decode("utf-8", "replace")[-3000:]
-        for stream in (process.stdin, process.stdout, process.stderr):
+        self._stderr.seek(0)
+        log = self._stderr.read().decode("utf-8", "replace")
+        marker = log.rfind(f"== START {case_id}\n")
+        stderr = log[max(marker, 0):][-3000:]  # what this case printed (all, if it never started)
+        for stream in (process.stdin, process.stdout, self._stderr):
             try:
                 stream.close()
             except OSError:
@@ -164,43 +173,122 @@ class Worker:
         return Outcome(case_id, status, returncode=returncode, stderr=stderr)
 
 
+def _feed(process: subprocess.Popen, cases: List[Case]) -> None:
+    try:
+        for case in cases:
+            process.stdin.write(json.dumps(case._asdict()).encode() + b"\n")
+        process.stdin.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        pass  # the child died (the reader finds out how) or was closed
+
+
 # ------------------------------------------------------------------------------------------
 # The worker side (this file run as a script)
 # ------------------------------------------------------------------------------------------
 
+def _every_utf8_byte() -> str:
+    """Text whose UTF-8 encoding contains every byte valid UTF-8 can contain."""
+    code_points = list(range(0x800))  # ASCII, every 2-byte lead (C2..DF), every continuation byte
+    code_points += [(lead & 0x0F) << 12 | (0x800 if lead == 0xE0 else 0) for lead in range(0xE0, 0xF0)]
+    code_points += [0x10000, 0x40000, 0x80000, 0xC0000, 0x100000]  # leads F0..F4
+    return "".join(chr(c) for c in code_points)
+
+
+EVERY_UTF8_BYTE = _every_utf8_byte()
+
+
 def probe_file(path: str) -> str:
-    """What a server does with a model file: load it and generate a few tokens."""
+    """What a server does with a model file: load it, generate, tokenize any text."""
     from cyllama_cffi import LLM
 
     llm = LLM(path, temperature=0.0, max_tokens=3, n_threads=1)
     try:
         response = llm("the cat sat")
-        # the generated ids go back through the detokenizer, like a client would
+        # the generated text goes back through the tokenizer, like a client's next prompt
         llm.detokenize(llm.tokenize(response.text, add_special=False))
+        llm.tokenize(EVERY_UTF8_BYTE)  # every byte the tokenizer may have to fall back to
         return f"{response.finish_reason}:{response.stats.generated_tokens}"
     finally:
         llm.close()
 
 
-def _ops() -> Dict[str, Callable[[str], Any]]:
+def probe_file_unchecked(path: str) -> str:
+    """``probe_file`` with cyllama_cffi's GGUF pre-check switched off.
+
+    Only for proving that a pre-check rule is needed: the file it refuses
+    really does crash llama.cpp when let through.
+    """
+    import cyllama_cffi.api
+    import cyllama_cffi.model
+
+    def no_check(model_path: Any) -> Path:
+        return Path(os.fspath(model_path))
+
+    saved = cyllama_cffi.api.check_model_path, cyllama_cffi.model.check_model_path
+    cyllama_cffi.api.check_model_path = cyllama_cffi.model.check_model_path = no_check
+    try:
+        return probe_file(path)
+    finally:  # the worker goes on with other cases
+        cyllama_cffi.api.check_model_path, cyllama_cffi.model.check_model_path = saved
+
+
+_BASES: Dict[str, bytes] = {}
+
+
+def probe_mutant(arg: str) -> str:
+    """``probe_file`` on a mutant made here, so thousands of mutants need no files from the parent.
+
+    ``arg`` is JSON: ``{"base": path, "patches": [[offset, hex bytes], ...], "truncate": n or null}``.
+    """
+    spec = json.loads(arg)
+    base = _BASES.get(spec["base"])
+    if base is None:
+        base = _BASES[spec["base"]] = Path(spec["base"]).read_bytes()
+    data = bytearray(base)
+    for offset, patch in spec.get("patches", ()):
+        raw = bytes.fromhex(patch)
+        data[offset:offset + len(raw)] = raw
+    if spec.get("truncate") is not None:
+        del data[spec["truncate"]:]
+    scratch = os.environ.get("CYLLAMA_WORKER_SCRATCH") or tempfile.gettempdir()
+    target = Path(scratch) / f"mutant-{os.getpid()}.gguf"
+    target.write_bytes(bytes(data))
+    try:
+        return probe_file(str(target))
+    finally:
+        target.unlink()
+
+
+def mutant_case(case_id: str, base: Any, patches: Iterable = (), truncate: Optional[int] = None) -> Case:
+    """A ``mutate`` case: ``patches`` are (offset, bytes) pairs applied to the file ``base``."""
+    arg = json.dumps({"base": str(base), "patches": [[offset, bytes(raw).hex()] for offset, raw in patches],
+                      "truncate": truncate})
+    return Case(case_id, "mutate", arg)
+
+
+def run_api_case(arg: str) -> Any:
+    """``arg`` is ``name::model_path``: one function of tests/robustness_cases.py."""
     sys.path.insert(0, str(HERE))
     import robustness_cases
 
-    model = os.environ.get("CYLLAMA_WORKER_MODEL") or None
+    name, _, model_path = arg.partition("::")
+    function = robustness_cases.CASES.get(name) or robustness_cases.KNOWN_CRASHES[name]
+    return function(model_path)
 
-    def api(name: str) -> Any:
-        return robustness_cases.CASES[name](model)
 
-    return {"file": probe_file, "api": api}
+OPS: Dict[str, Callable[[str], Any]] = {"file": probe_file, "file_unchecked": probe_file_unchecked,
+                                        "mutate": probe_mutant, "api": run_api_case}
 
 
 def _serve() -> None:
     out = sys.stdout
-    ops = _ops()
+    ops = OPS
     for line in sys.stdin:
         if not line.strip():
             continue
         case = json.loads(line)
+        sys.stderr.write(f"== START {case['case_id']}\n")
+        sys.stderr.flush()
         out.write(f"START {case['case_id']}\n")
         out.flush()
         result: Dict[str, Any] = {"id": case["case_id"]}

@@ -6,7 +6,10 @@ not a real model would only exercise the header parser. The model written
 here is a genuine ``llama``-architecture network (F32, 2 layers, n_embd 32,
 random weights) with a SentencePiece-style (``tokenizer.ggml.model = "llama"``)
 vocabulary of 3 special tokens, all 256 byte tokens (so any text tokenizes)
-and a few dozen word pieces: about 200 KB, loaded and decoded in milliseconds.
+and a few dozen word pieces: about 170 KB, loaded and decoded in milliseconds.
+``TinySpec(tokenizer="gpt2")`` writes a byte-level BPE vocabulary instead (the
+default model's kind: 256 byte symbols, a dozen merges), since the two
+tokenizers take different paths through llama.cpp.
 
 Only ``gguf.GGUFWriter`` APIs present in both gguf 0.18 (PyPy 3.9) and 0.19
 are used. ``field_map`` walks a written file and returns the byte position of
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -46,6 +49,7 @@ class TinySpec(NamedTuple):
     seed: int = 1234
     std: float = 0.3  # large enough that greedy output varies with the prompt
     alignment: Optional[int] = None  # None: no general.alignment key (GGUF's default, 32)
+    tokenizer: str = "llama"  # or "gpt2"
 
 
 def vocabulary() -> List[str]:
@@ -53,16 +57,68 @@ def vocabulary() -> List[str]:
     return ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _WORDS
 
 
-def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None) -> Path:
-    """Write a loadable, decodable tiny llama model to ``path`` and return the path."""
+def _byte_symbols() -> List[str]:
+    """GPT-2's byte-level alphabet: each byte as one printable code point."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    shifted = 0
+    symbols = {}
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + shifted)
+            shifted += 1
+    return [symbols[byte] for byte in range(256)]
+
+
+_BPE_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at", "Ġ s", "Ġs at",
+               "Ġ o", "Ġo n", "Ġ m", "Ġm at", "i n", "e r", "a n"]
+
+
+def bpe_vocabulary() -> List[str]:
+    """<|endoftext|>, the 256 byte symbols, then one token per merge result."""
+    merged = [merge.replace(" ", "") for merge in _BPE_MERGES]
+    return ["<|endoftext|>"] + _byte_symbols() + merged
+
+
+def _add_vocabulary(writer, spec: TinySpec) -> int:
+    """Write the tokenizer keys; return the vocabulary size."""
+    if spec.tokenizer == "gpt2":
+        tokens = bpe_vocabulary()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types([_CONTROL] + [_NORMAL] * (len(tokens) - 1))
+        writer.add_token_merges(_BPE_MERGES)
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(0)
+        writer.add_add_bos_token(True)
+        return len(tokens)
+    if spec.tokenizer != "llama":
+        raise ValueError(f"tokenizer must be 'llama' or 'gpt2', got {spec.tokenizer!r}")
+    tokens = vocabulary()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS))])
+    writer.add_token_types([_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(_WORDS))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    return len(tokens)
+
+
+def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None,
+                     extra: Optional[Callable[[Any], None]] = None) -> Path:
+    """Write a loadable, decodable tiny llama model to ``path`` and return the path.
+
+    ``extra(writer)`` may add metadata keys (``writer.add_uint32(key, value)``...).
+    """
     spec = spec or TinySpec()
     import gguf  # imported here so importing this module never needs gguf
 
     path = Path(path)
-    tokens = vocabulary()
-    n_vocab = len(tokens)
-    scores = [0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS))]
-    types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(_WORDS)
     head_dim = spec.n_embd // spec.n_head
 
     writer = gguf.GGUFWriter(str(path), ARCH)
@@ -76,17 +132,11 @@ def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None) ->
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(n_vocab)
     writer.add_file_type(0)  # ALL_F32
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    n_vocab = _add_vocabulary(writer, spec)
+    writer.add_vocab_size(n_vocab)
+    if extra is not None:
+        extra(writer)
     if spec.alignment is not None:
         writer.add_custom_alignment(spec.alignment)
 
