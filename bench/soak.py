@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-KINDS = ("tokens", "prefill", "close", "hammer", "sigint", "none")
+KINDS = ("tokens", "prefill", "close", "hammer", "replace", "sigint", "none")
 WORDS = ("the quick brown fox jumps over the lazy dog while a small cat sleeps on a warm mat near "
          "an old window and the rain falls softly on the garden").split()
 CHECK_PROMPTS = ("The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):")
@@ -108,10 +108,23 @@ class Soak:
         prompt = self.rng.choice(CHECK_PROMPTS)
         return self.llm(prompt, config=self.check_config).text == self.reference[prompt]
 
-    def run_stream(self, prompt: str, canceller: Callable[[Any], Callable[[], None]]) -> Dict[str, Any]:
-        """Consume a stream in this thread while ``canceller(stream)`` acts from others."""
-        stream = self.llm.stream(prompt)
-        finish_helpers = canceller(stream)
+    def run_stream(self, prompt: str, canceller: Callable[[Any], Callable[[], None]],
+                   config: Any = None) -> Dict[str, Any]:
+        """Consume a stream in this thread while ``canceller(stream)`` acts from others.
+
+        ``canceller(None)`` is called before the stream starts when a ``config`` is given: its
+        threads then also run while the call replaces the LLM's context.
+        """
+        if config is None:
+            stream = self.llm.stream(prompt)
+            finish_helpers = canceller(stream)
+        else:
+            finish_helpers = canceller(None)
+            try:
+                stream = self.llm.stream(prompt, config=config)
+            except BaseException:
+                finish_helpers()
+                raise
         chunks = list(stream)
         finish_helpers()  # join the helper threads: nothing may touch the LLM after the cycle
         text, expected = "".join(chunks), self.llm.detokenize(stream.generated)
@@ -149,6 +162,9 @@ class Soak:
             return self.run_stream(short, lambda s: self.timer(delay, s.close))
         if kind == "hammer":  # several threads cancelling at random moments
             return self.run_stream(random_prompt(rng, rng.randint(3, 300)), self._hammer)
+        if kind == "replace":  # the same, while the call (and the next check) replace the context
+            config = self.llm.config.replace(n_ubatch=rng.choice((64, 128, 512)))
+            return self.run_stream(random_prompt(rng, rng.randint(3, 300)), self._hammer, config=config)
         return self.run_stream(short, lambda s: (lambda: None))  # "none": a control
 
     def _hammer(self, stream: Any) -> Callable[[], None]:

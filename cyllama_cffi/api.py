@@ -95,7 +95,7 @@ class LLM:
         if ctx is not None:  # the C flag first: a running decode stops at its next graph node
             try:
                 ctx.cancel = True
-            except ClosedError:  # pragma: no cover - closing concurrently
+            except ClosedError:  # the context was being replaced or closed: nothing runs on it
                 pass
         self._cancel_event.set()
 
@@ -118,8 +118,12 @@ class LLM:
 
     def _sigint_unwatch(self) -> None:
         self._sigint_watchers = max(0, self._sigint_watchers - 1)
-        if self._ctx is not None and self._sigint_watchers == 0 and not self._ctx.closed:
-            self._ctx.watch_sigint(False)
+        ctx = self._ctx
+        if ctx is not None and self._sigint_watchers == 0:
+            try:
+                ctx.watch_sigint(False)
+            except ClosedError:  # closed meanwhile: nothing left to watch
+                pass
 
     # -- generation -----------------------------------------------------------------------
     def __call__(self, prompt: str, config: Optional[GenerationConfig] = None, stream: bool = False,
@@ -373,7 +377,10 @@ class _Stream:
                 if self._superseded or self._closing:
                     self._finish("cancelled", flush=not self._superseded)
                     continue
-                self._step()
+                try:
+                    self._step()
+                except ClosedError:  # closed under us (LLM.close() elsewhere, interpreter exit)
+                    self._finish("cancelled")
             chunk = self._pending.pop(0)
         if self._on_token is not None:
             self._on_token(chunk)
@@ -383,7 +390,10 @@ class _Stream:
         """Stop this stream; the LLM is free for the next call at once."""
         self._closing = True
         if not self._done and self._llm._active is not None and self._llm._active() is self:
-            self._ctx.cancel = True  # an in-flight decode in another thread stops now
+            try:
+                self._ctx.cancel = True  # an in-flight decode in another thread stops now
+            except ClosedError:  # the LLM was closed: nothing is running on the context
+                pass
         with self._step_lock:
             if not self._done:
                 self._finish("cancelled", flush=False)

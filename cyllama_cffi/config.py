@@ -66,6 +66,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+INT32_MAX = 2**31 - 1  # fields passed to llama.cpp as int32_t must fit, or cffi raises late
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -77,18 +80,18 @@ def _problems(config: GenerationConfig):
     checks = [
         check(_is_int(config.max_tokens) and config.max_tokens >= 0, f"max_tokens must be an int >= 0, got {config.max_tokens!r}"),
         check(_is_number(config.temperature) and config.temperature >= 0, f"temperature must be >= 0, got {config.temperature!r}"),
-        check(_is_int(config.top_k) and config.top_k >= 0, f"top_k must be an int >= 0, got {config.top_k!r}"),
+        check(_is_int(config.top_k) and 0 <= config.top_k <= INT32_MAX, f"top_k must be an int in [0, {INT32_MAX}], got {config.top_k!r}"),
         check(_is_number(config.top_p) and 0 <= config.top_p <= 1, f"top_p must be in [0, 1], got {config.top_p!r}"),
         check(_is_number(config.min_p) and 0 <= config.min_p <= 1, f"min_p must be in [0, 1], got {config.min_p!r}"),
         check(_is_number(config.repeat_penalty) and config.repeat_penalty > 0, f"repeat_penalty must be > 0, got {config.repeat_penalty!r}"),
-        check(_is_int(config.penalty_last_n) and config.penalty_last_n >= -1, f"penalty_last_n must be an int >= -1, got {config.penalty_last_n!r}"),
+        check(_is_int(config.penalty_last_n) and -1 <= config.penalty_last_n <= INT32_MAX, f"penalty_last_n must be an int in [-1, {INT32_MAX}], got {config.penalty_last_n!r}"),
         check(_is_number(config.frequency_penalty), f"frequency_penalty must be a finite number, got {config.frequency_penalty!r}"),
         check(_is_number(config.presence_penalty), f"presence_penalty must be a finite number, got {config.presence_penalty!r}"),
         check(config.mirostat in (0, 1, 2) and _is_int(config.mirostat), f"mirostat must be 0, 1 or 2, got {config.mirostat!r}"),
         check(_is_number(config.mirostat_tau) and config.mirostat_tau > 0, f"mirostat_tau must be > 0, got {config.mirostat_tau!r}"),
         check(_is_number(config.mirostat_eta) and config.mirostat_eta > 0, f"mirostat_eta must be > 0, got {config.mirostat_eta!r}"),
-        check(_is_int(config.n_gpu_layers) and config.n_gpu_layers >= -1, f"n_gpu_layers must be an int >= -1, got {config.n_gpu_layers!r}"),
-        check(_is_int(config.main_gpu) and config.main_gpu >= 0, f"main_gpu must be an int >= 0, got {config.main_gpu!r}"),
+        check(_is_int(config.n_gpu_layers) and -1 <= config.n_gpu_layers <= INT32_MAX, f"n_gpu_layers must be an int in [-1, {INT32_MAX}], got {config.n_gpu_layers!r}"),
+        check(_is_int(config.main_gpu) and 0 <= config.main_gpu <= INT32_MAX, f"main_gpu must be an int in [0, {INT32_MAX}], got {config.main_gpu!r}"),
         check(config.split_mode in (0, 1, 2) and _is_int(config.split_mode), f"split_mode must be 0, 1 or 2, got {config.split_mode!r}"),
         check(config.tensor_split is None or (isinstance(config.tensor_split, (list, tuple))
               and all(_is_number(v) and v >= 0 for v in config.tensor_split)),

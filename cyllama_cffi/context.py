@@ -6,19 +6,34 @@ running ``llama_decode`` return within one graph node. ``decode`` validates
 its batch first (llama.cpp aborts the process for batches larger than
 ``n_batch``, and sampling needs logits that exist), maps return codes to
 exceptions, and after an abort trims the KV cache to what was committed.
+
+Lifetimes, so that no thread ever touches freed memory:
+
+- the C cancel state lives as long as the Python object *and* the
+  ``llama_context`` (which points at it), whichever goes last, so
+  ``cancel = True`` racing with ``close()`` writes into live memory and
+  raises ``ClosedError`` at worst;
+- every call that uses the ``llama_context`` holds the context's busy lock,
+  and ``close()`` takes that lock (after raising the abort flag, so a running
+  decode returns within one graph node) before freeing anything;
+- at interpreter exit, before the finalizers free anything, contexts are
+  closed the same way, so a daemon thread inside ``llama_decode`` sees an
+  abort instead of a freed context.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._ffi import ffi, lib
 from ._handle import CHandle
 from .batch import LlamaBatch
-from .errors import ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
+from .errors import ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
 from .model import LlamaModel
 
 if TYPE_CHECKING:
@@ -85,14 +100,15 @@ class LlamaContext(CHandle):
         params.n_threads_batch = threads_batch
         params.embeddings = embeddings
         params.no_perf = True
-        cancel_state = lib.cyl_cancel_new()
-        if cancel_state == ffi.NULL:
+        raw_state = lib.cyl_cancel_new()
+        if raw_state == ffi.NULL:
             raise MemoryError("could not allocate the cancel state")
+        # Freed when the last reference goes: this object's and the context finalizer's.
+        cancel_state = ffi.gc(raw_state, lib.cyl_cancel_free)
         params.abort_callback = ffi.addressof(lib, "cyl_abort_callback")
         params.abort_callback_data = cancel_state
         pointer = lib.llama_init_from_model(model.ptr, params)
         if pointer == ffi.NULL:
-            lib.cyl_cancel_free(cancel_state)
             raise LlamaError("llama.cpp could not create the context (see the cyllama_cffi.llama log)")
         super().__init__(pointer, _free_context_factory(cancel_state))
         self._depend_on(model)
@@ -103,29 +119,40 @@ class LlamaContext(CHandle):
         self._py_abort: Optional[Callable[[], bool]] = None
         self._py_abort_handle: Any = None
         self._busy = threading.Lock()
+        self._closing = False
         self._logit_rows: Any = ()  # batch rows that have logits after the last decode
         self._last_output = False
         self.n_ctx = lib.llama_n_ctx(pointer)
         self.n_batch = lib.llama_n_batch(pointer)
         self.n_ubatch = lib.llama_n_ubatch(pointer)
         self._memory = lib.llama_get_memory(pointer)
+        _register_for_exit(self)
 
     # -- cancellation -------------------------------------------------------
     @property
     def cancel(self) -> bool:
-        """The C abort flag (True also after a SIGINT caught by the hook, see install_sigint_handler)."""
+        """The C abort flag (True also after a SIGINT caught by the hook, see install_sigint_handler).
+
+        Readable and writable from any thread; ``ClosedError`` after ``close()``.
+        """
+        self.ptr  # noqa: B018 - ClosedError when closed
         return bool(lib.cyl_cancel_get(self._cancel_state))
 
     @cancel.setter
     def cancel(self, value: bool) -> None:
+        # The state outlives close() (see the module docstring): writing first and
+        # checking after keeps a cancel racing with close() harmless.
         lib.cyl_cancel_set(self._cancel_state, bool(value))
+        self.ptr  # noqa: B018 - ClosedError when closed
 
     def begin_generation(self) -> None:
         """Clear the flag and forget SIGINTs that arrived before now."""
+        self.ptr  # noqa: B018
         lib.cyl_cancel_begin(self._cancel_state)
 
     def watch_sigint(self, watch: bool) -> None:
         """Whether a SIGINT caught by the C hook aborts this context's decodes."""
+        self.ptr  # noqa: B018
         lib.cyl_cancel_watch_sigint(self._cancel_state, bool(watch))
 
     def set_abort_callback(self, callback: Optional[Callable[[], bool]]) -> None:
@@ -150,11 +177,24 @@ class LlamaContext(CHandle):
         """No abort check at all (benchmarks measure what the check costs)."""
         lib.llama_set_abort_callback(self.ptr, ffi.NULL, ffi.NULL)
 
-    # -- decoding -----------------------------------------------------------
-    def _acquire(self) -> None:
+    # -- exclusive use ---------------------------------------------------------
+    def _acquire(self) -> Any:
+        """Take the busy lock and return the live pointer; release with ``self._busy.release()``.
+
+        ``ContextBusyError`` when another thread holds it, ``ClosedError`` when closed.
+        """
         if not self._busy.acquire(blocking=False):
+            if self._ptr is None or self._closing:
+                raise ClosedError("this context is closed")
             raise ContextBusyError("this context is in use by another thread; "
                                    "llama.cpp contexts cannot be used concurrently")
+        pointer = self._ptr
+        if pointer is None:
+            self._busy.release()
+            raise ClosedError("this context is closed")
+        return pointer
+
+    # -- decoding -----------------------------------------------------------
 
     def decode(self, batch: LlamaBatch) -> None:
         """Run ``llama_decode``; raise on anything but success.
@@ -179,9 +219,8 @@ class LlamaContext(CHandle):
             if min(tokens) < 0 or max(tokens) >= self._n_vocab:
                 bad = next(t for t in tokens if not 0 <= t < self._n_vocab)
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self._n_vocab})")
-        self._acquire()
+        pointer = self._acquire()
         try:
-            pointer = self.ptr
             self._logit_rows = ()
             code = lib.llama_decode(pointer, holder[0])
             if code == 0:
@@ -190,22 +229,29 @@ class LlamaContext(CHandle):
                 else:
                     self._logit_rows = frozenset(batch.logit_rows())
                 return
+            n_past = self._trim_locked(0)  # keep only what was really committed
         finally:
             self._busy.release()
-        self._raise_for(code)
+        self._raise_for(code, n_past)
 
-    def _raise_for(self, code: int) -> None:
+    def _raise_for(self, code: int, n_past: int) -> None:
         if code == 2:
-            raise DecodeAborted("llama_decode was aborted", n_past=self.trim_to_committed())
+            raise DecodeAborted("llama_decode was aborted", n_past=n_past)
         if code == 1:
             raise ContextFullError(f"no KV-cache slot for the batch (context of {self.n_ctx} tokens is full)", code)
         if code == -1:
             raise ValueError("llama.cpp rejected the batch as invalid")
-        self.trim_to_committed()
         raise DecodeError(f"llama_decode failed with code {code}", code)
 
     def trim_to_committed(self, seq_id: int = 0) -> int:
         """Drop anything past the last committed position of ``seq_id``; return how many remain."""
+        self._acquire()
+        try:
+            return self._trim_locked(seq_id)
+        finally:
+            self._busy.release()
+
+    def _trim_locked(self, seq_id: int) -> int:
         pos_max = lib.llama_memory_seq_pos_max(self._memory, seq_id)
         lib.llama_memory_seq_rm(self._memory, seq_id, pos_max + 1, -1)
         return pos_max + 1
@@ -229,22 +275,26 @@ class LlamaContext(CHandle):
         return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
 
     # -- memory (KV cache) ----------------------------------------------------
+    def _with_memory(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Call ``function(memory, *args)`` holding the busy lock (never while a decode runs)."""
+        self._acquire()
+        try:
+            return function(self._memory, *args)
+        finally:
+            self._busy.release()
+
     def memory_clear(self, data: bool = True) -> None:
-        self.ptr  # noqa: B018 - raise ClosedError when closed
-        lib.llama_memory_clear(self._memory, data)
+        self._with_memory(lib.llama_memory_clear, data)
         self._logit_rows = ()
 
     def memory_seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        self.ptr  # noqa: B018
-        return bool(lib.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+        return bool(self._with_memory(lib.llama_memory_seq_rm, seq_id, p0, p1))
 
     def memory_seq_pos_max(self, seq_id: int = 0) -> int:
-        self.ptr  # noqa: B018
-        return lib.llama_memory_seq_pos_max(self._memory, seq_id)
+        return self._with_memory(lib.llama_memory_seq_pos_max, seq_id)
 
     def memory_seq_pos_min(self, seq_id: int = 0) -> int:
-        self.ptr  # noqa: B018
-        return lib.llama_memory_seq_pos_min(self._memory, seq_id)
+        return self._with_memory(lib.llama_memory_seq_pos_min, seq_id)
 
     # -- threads ----------------------------------------------------------------
     @property
@@ -257,15 +307,61 @@ class LlamaContext(CHandle):
         lib.llama_set_n_threads(self.ptr, n_threads, n_threads_batch or n_threads)
 
     # -- lifetime -----------------------------------------------------------------
-    def _before_close(self) -> None:
-        # A decode running in another thread stops at its next graph node.
-        self.cancel = True
-        with self._busy:
-            pass
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Free the context. A decode running in another thread is aborted and waited for.
+
+        With a ``timeout`` (seconds) and a decode that does not return in time (a
+        backend that ignores the abort callback), the context is leaked rather
+        than freed under the running decode.
+        """
+        if self._ptr is None:
+            return
+        self._closing = True  # from now on a decode attempt is ClosedError, not ContextBusyError
+        lib.cyl_cancel_set(self._cancel_state, True)  # a running decode stops at its next graph node
+        if not self._busy.acquire(timeout=-1 if timeout is None else timeout):
+            logger.warning("a decode did not stop within %.1f s; leaking its context", timeout)
+            self._ptr = None
+            self._finalizer.detach()
+            return
+        try:
+            super().close()
+        finally:
+            self._busy.release()
 
 
 def _free_context_factory(cancel_state: Any) -> Callable[[Any], None]:
     def free(pointer: Any) -> None:
-        lib.llama_free(pointer)
-        lib.cyl_cancel_free(cancel_state)
+        llama_free(pointer)
+        del keep_alive[:]  # the context pointed at the cancel state until now
+    llama_free = lib.llama_free
+    keep_alive = [cancel_state]
     return free
+
+
+# -- interpreter exit ----------------------------------------------------------------
+_open_contexts: "weakref.WeakSet[LlamaContext]" = weakref.WeakSet()
+_exit_hook_registered = False
+_EXIT_WAIT_SECONDS = 10.0
+
+
+def _register_for_exit(context: LlamaContext) -> None:
+    """Track ``context`` so that interpreter exit closes it before the finalizers run.
+
+    atexit runs hooks newest first, and ``weakref.finalize`` registered its own
+    hook when the first handle was created, so registering here puts ours ahead.
+    """
+    global _exit_hook_registered
+    _open_contexts.add(context)
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_close_contexts_at_exit)
+
+
+def _close_contexts_at_exit() -> None:
+    """Abort decodes still running in daemon threads, then close their contexts."""
+    contexts = list(_open_contexts)
+    for context in contexts:  # raise every flag first: all decodes stop in parallel
+        if context._ptr is not None:
+            lib.cyl_cancel_set(context._cancel_state, True)
+    for context in contexts:
+        context.close(timeout=_EXIT_WAIT_SECONDS)

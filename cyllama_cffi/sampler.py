@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Optional
 
 from ._ffi import ffi, lib
 from ._handle import CHandle
-from .errors import ContextBusyError
 
 if TYPE_CHECKING:
     from .context import LlamaContext
@@ -33,6 +32,7 @@ class LlamaSampler(CHandle):
             raise MemoryError("llama_sampler_chain_init failed")
         super().__init__(pointer, lib.llama_sampler_free)
         self.stages: list = []
+        self._n_vocab: Optional[int] = None  # set by stages that look token ids up (grammar)
 
     def _add(self, name: str, sampler) -> "LlamaSampler":
         if sampler == ffi.NULL:
@@ -83,6 +83,7 @@ class LlamaSampler(CHandle):
         if sampler == ffi.NULL:
             raise ValueError("invalid GBNF grammar (see the cyllama_cffi.llama log for llama.cpp's parse error)")
         self._add("grammar", sampler)
+        self._n_vocab = vocab.n_tokens
         self._depend_on_vocab(vocab)
         return self
 
@@ -98,14 +99,20 @@ class LlamaSampler(CHandle):
         if not self.stages:
             raise RuntimeError("the sampler chain is empty: add a stage such as add_greedy() first")
         pointer = self.ptr
-        if not context._busy.acquire(blocking=False):
-            raise ContextBusyError("this context is in use by another thread")
+        context_pointer = context._acquire()  # ContextBusyError / ClosedError
         try:
-            return lib.llama_sampler_sample(pointer, context.ptr, index)
+            return lib.llama_sampler_sample(pointer, context_pointer, index)
         finally:
             context._busy.release()
 
     def accept(self, token: int) -> None:
+        """Tell the chain ``token`` was chosen (penalties, grammar state advance).
+
+        A grammar stage looks the id up in its vocabulary and aborts the process
+        for one outside it, so with a grammar the id is checked first.
+        """
+        if self._n_vocab is not None and not 0 <= token < self._n_vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
         lib.llama_sampler_accept(self.ptr, token)
 
     def reset(self) -> None:

@@ -272,7 +272,7 @@ def run_api_case(arg: str) -> Any:
     import robustness_cases
 
     name, _, model_path = arg.partition("::")
-    function = robustness_cases.CASES.get(name) or robustness_cases.KNOWN_CRASHES[name]
+    function = robustness_cases.CASES[name]
     return function(model_path)
 
 
