@@ -10,7 +10,8 @@ min and median of the repeats and the ratio of medians. Rows:
 
   decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
   prefill   512 and ~4000-token prompts through ``LLM``        vs  pp512 / pp4096
-  cancel    between tokens (cancel() from another thread), mid-prefill, SIGINT mid-prefill
+  cancel    between tokens (stream suspended), at a random moment of decoding, mid-prefill
+            (cancel() from another thread), SIGINT mid-prefill (real child process)
   machinery decode with the abort callback + per-token check vs without (bench-only switch)
   startup   import time (fresh process), model load time
   pypy      decode/prefill rows again under PyPy, when a PyPy venv with the package exists
@@ -127,6 +128,47 @@ def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Call
 # -- cancellation latency ----------------------------------------------------------------------
 
 def cancel_between_tokens(llm, trials: int) -> List[float]:
+    """The token-loop layer alone: ``cancel()`` from another thread while the stream is between
+    tokens (the consumer holds a chunk), measured from the ``cancel()`` call to the end of the
+    stream. This is the ``Event`` check plus the finish path, with no decode in flight."""
+    latencies = []
+    config = llm.config.replace(max_tokens=100000, n_ctx=2048)
+    request, issued = threading.Event(), threading.Event()
+    marks: Dict[str, float] = {}
+
+    def canceller() -> None:
+        while request.wait() and not marks.get("stop"):
+            request.clear()
+            marks["cancel"] = time.perf_counter()
+            llm.cancel()
+            issued.set()
+
+    thread = threading.Thread(target=canceller, daemon=True)
+    thread.start()
+    try:
+        for _ in range(trials):
+            stream = llm.stream(DECODE_PROMPT, config=config)
+            cut = random.randint(3, 60)
+            for index, _ in enumerate(stream):
+                if index == cut:
+                    request.set()
+                    issued.wait()  # suspended between tokens until the cancel is in
+                    issued.clear()
+            end = time.perf_counter()
+            if stream.finish_reason != "cancelled" or len(stream.generated) > cut + 8:
+                raise RuntimeError("generation did not stop at the cancel")
+            latencies.append(end - marks["cancel"])
+    finally:
+        marks["stop"] = 1.0
+        request.set()
+        thread.join()
+    return latencies
+
+
+def cancel_during_decoding(llm, trials: int) -> List[float]:
+    """``cancel()`` from a timer at a random moment of steady-state generation: nearly always it
+    lands inside the single-token ``llama_decode`` and the C abort callback ends it at the next
+    graph node, so the tail is the longest node of the graph (the output projection)."""
     latencies = []
     config = llm.config.replace(max_tokens=100000, n_ctx=2048)
     for _ in range(trials):
@@ -311,6 +353,7 @@ def main() -> int:
                     lambda: binding_prefill(llm, prompt4096), results)
     if "cancel" in parts:
         latency_row("cancel between tokens", cancel_between_tokens(llm, 10 if args.quick else 40), results)
+        latency_row("cancel during decoding", cancel_during_decoding(llm, 10 if args.quick else 60), results)
         latency_row("cancel mid-prefill", cancel_mid_prefill(llm, 5 if args.quick else 12), results)
         latency_row("SIGINT mid-prefill", sigint_mid_prefill(model, args.threads, 5 if args.quick else 12,
                                                              long_prompt(llm, 4000)), results)

@@ -1,5 +1,6 @@
 /* Implementation of cyllama_shim.h; compiled into the cffi module. */
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,6 +97,26 @@ int cyl_sigint_uninstall(void) {
 
 unsigned long cyl_sigint_count(void) {
     return __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST);
+}
+
+/* ---- greedy fast path ------------------------------------------------ */
+
+int32_t cyl_argmax(const float *values, int32_t n) {
+    if (n <= 0) return -1;
+    /* Pass 1: the maximum, in 8 independent lanes so the compiler can vectorise. */
+    float lane[8];
+    for (int k = 0; k < 8; k++) lane[k] = -INFINITY;
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++)
+            lane[k] = values[i + k] > lane[k] ? values[i + k] : lane[k];
+    float best = -INFINITY;
+    for (int k = 0; k < 8; k++) best = lane[k] > best ? lane[k] : best;
+    for (; i < n; i++) best = values[i] > best ? values[i] : best;
+    /* Pass 2: its first index (ties go to the lowest id, like the greedy sampler). */
+    for (i = 0; i < n; i++)
+        if (values[i] == best) return i;
+    return 0; /* every value NaN (or all -inf: the first one) */
 }
 
 /* ---- log sink --------------------------------------------------------- */

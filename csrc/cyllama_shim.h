@@ -6,6 +6,7 @@
  *  - an opt-in SIGINT hook that bumps a process-wide counter the abort
  *    callback watches, then chains to the previous handler, so Ctrl-C stops a
  *    running decode although Python only runs signal handlers between bytecodes;
+ *  - an argmax over logits, the pure-greedy sampling fast path;
  *  - a log sink that filters llama.cpp's log lines in C and forwards only the
  *    wanted ones to Python.
  *
@@ -16,6 +17,7 @@
 #define CYLLAMA_SHIM_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 /* BEGIN CDEF */
 typedef struct cyl_cancel cyl_cancel;
@@ -37,6 +39,11 @@ int cyl_sigint_install(void);
 int cyl_sigint_uninstall(void);
 bool cyl_sigint_hook_is_current(void);
 unsigned long cyl_sigint_count(void);
+
+/* Index of the first largest of n values: what llama.cpp's greedy sampler picks, without
+ * building its n_vocab-entry candidate array every token (~60 us -> a few us at 49k tokens).
+ * NaNs are never chosen unless every value is NaN (then 0), as with the greedy sampler. */
+int32_t cyl_argmax(const float *values, int32_t n);
 
 /* Log sink for llama_log_set: lines at or above the threshold go to Python. */
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data);

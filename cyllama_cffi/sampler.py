@@ -33,12 +33,14 @@ class LlamaSampler(CHandle):
         super().__init__(pointer, lib.llama_sampler_free)
         self.stages: list = []
         self._n_vocab: Optional[int] = None  # set by stages that look token ids up (grammar)
+        self._greedy_only = False  # a chain of just "greedy" samples by argmax in the shim
 
     def _add(self, name: str, sampler) -> "LlamaSampler":
         if sampler == ffi.NULL:
             raise ValueError(f"llama.cpp could not create the {name} sampler")
         lib.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it now
         self.stages.append(name)
+        self._greedy_only = self.stages == ["greedy"]
         return self
 
     # -- terminal stages --------------------------------------------------------
@@ -101,6 +103,15 @@ class LlamaSampler(CHandle):
         pointer = self.ptr
         context_pointer = context._acquire()  # ContextBusyError / ClosedError
         try:
+            if self._greedy_only:
+                # llama_sampler_sample would fill an n_vocab-entry candidate array first
+                # (~60 us a token at 49k); the first maximum is the same token.
+                logits = lib.llama_get_logits_ith(context_pointer, index)
+                if logits == ffi.NULL:
+                    raise RuntimeError(f"llama.cpp has no logits at batch index {index}")
+                token = lib.cyl_argmax(logits, context._n_vocab)
+                lib.llama_sampler_accept(pointer, token)  # what the chain does after choosing
+                return token
             return lib.llama_sampler_sample(pointer, context_pointer, index)
         finally:
             context._busy.release()

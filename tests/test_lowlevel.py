@@ -59,6 +59,48 @@ def test_greedy_generation_is_deterministic(model):
     assert "Paris" in first
 
 
+def test_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model):
+    """A chain of just "greedy" samples by the shim's argmax; a chain with a no-op stage in front
+    (top-k 0) goes through llama_sampler_sample. Both must choose the same tokens."""
+    def fast() -> LlamaSampler:
+        return LlamaSampler().add_greedy()
+
+    def slow() -> LlamaSampler:
+        return LlamaSampler().add_top_k(0).add_greedy()
+
+    assert fast()._greedy_only and not slow()._greedy_only
+    prompts = [PROMPT, "Once upon a time, in a land far away,", "def fibonacci(n):", "1, 2, 3, 5, 8,"]
+    for prompt in prompts:
+        assert greedy_continuation(model, prompt, 48, fast()) == greedy_continuation(model, prompt, 48, slow())
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1.0, 3.0, 3.0, 2.0], 1),                      # ties: the lowest id, like llama.cpp's greedy
+    ([float("nan"), 1.0, 5.0, 5.0], 2),             # NaN is never chosen
+    ([float("nan")] * 9, 0),                        # nothing but NaN: 0, as the greedy sampler
+    ([float("-inf")] * 3, 0),
+    (list(range(17)), 16),                          # a tail past the 8-wide lanes
+    ([0.0] * 8 + [1.0] * 9, 8),
+    ([-1e30] * 1000 + [-1e29] + [5.0] * 3, 1001),
+])
+def test_shim_argmax(values, expected):
+    from cyllama_cffi._ffi import ffi, lib
+
+    assert lib.cyl_argmax(ffi.new("float[]", values), len(values)) == expected
+
+
+def test_shim_argmax_matches_numpy_on_random_logits():
+    from cyllama_cffi._ffi import ffi, lib
+
+    rng = np.random.default_rng(7)
+    for size in (1, 7, 8, 9, 49152):
+        for _ in range(20):
+            values = rng.standard_normal(size).astype(np.float32)
+            values[rng.integers(0, size)] = values.max()  # a tie now and then
+            buffer = ffi.from_buffer("float[]", values)
+            assert lib.cyl_argmax(buffer, size) == int(values.argmax())
+
+
 def test_thread_count_defaults_to_usable_cores(model):
     with LlamaContext(model, n_ctx=64) as ctx:
         assert ctx.n_threads == usable_cores()
