@@ -25,7 +25,7 @@ def main() -> int:
             print(f"| {key} | {row['native']['median']:.1f} ({row['native']['min']:.1f}) tok/s | "
                   f"{row['binding']['median']:.1f} ({row['binding']['min']:.1f}) tok/s | {row['ratio_median']:.3f} |")
         print()
-    latencies = [k for k in ("cancel between tokens", "cancel mid-prefill", "SIGINT mid-prefill",
+    latencies = [k for k in ("cancel between tokens", "cancel during decoding", "cancel mid-prefill", "SIGINT mid-prefill",
                              "import (fresh process)", "model load") if k in data]
     if latencies:
         print("| latency | p50 | p99 | max | trials |")
@@ -42,10 +42,16 @@ def main() -> int:
     if "pypy_vs_cpython" in data:
         pypy, ratio = data["pypy"], data["pypy_vs_cpython"]
         import statistics
-        print("| PyPy row | PyPy (median) | PyPy / CPython |")
-        print("|---|---|---|")
-        print(f"| decode 128 | {statistics.median(pypy['decode']):.1f} tok/s | {ratio['decode']:.3f} |")
-        print(f"| prefill 512 | {statistics.median(pypy['prefill512']):.1f} tok/s | {ratio['prefill512']:.3f} |")
+        vs_native = data.get("pypy_vs_native", {})
+
+        def native_ratio(key: str) -> str:
+            return f"{vs_native[key]:.3f}" if key in vs_native else "-"
+        print("| PyPy row | PyPy (median) | PyPy / CPython | PyPy / native |")
+        print("|---|---|---|---|")
+        print(f"| decode 128 | {statistics.median(pypy['decode']):.1f} tok/s | {ratio['decode']:.3f} | "
+              f"{native_ratio('decode')} |")
+        print(f"| prefill 512 | {statistics.median(pypy['prefill512']):.1f} tok/s | {ratio['prefill512']:.3f} | "
+              f"{native_ratio('prefill512')} |")
         print()
     if "ubatch_sweep" in data:
         print("| n_ubatch | prefill 4000 tokens | mid-prefill cancel p50 | p99 |")

@@ -392,6 +392,13 @@ def main() -> int:
                 print(f"{'PyPy prefill 512':<28} {statistics.median(rows['prefill512']):8.1f} tok/s   CPython "
                       f"{statistics.median(cpython_prefill):8.1f}   ratio {results['pypy_vs_cpython']['prefill512']:.3f}",
                       flush=True)
+                native = {"decode": results.get("decode tg128"), "prefill512": results.get("prefill pp512")}
+                results["pypy_vs_native"] = {
+                    key: statistics.median(rows[key]) / row["native"]["median"]
+                    for key, row in native.items() if row is not None}
+                for key, ratio in results["pypy_vs_native"].items():
+                    print(f"{'PyPy ' + key + ' vs native':<28} ratio {ratio:.3f} "
+                          "(native median from the rows above)", flush=True)
     if "ubatch" in parts:
         sweep = {}
         prompt4000 = long_prompt(llm, 4000)

@@ -100,6 +100,40 @@ def main(path: str) -> int:
             assert llm.cancel_requested
             assert llm("the cat sat").text == reference
     llm.close()
+
+    # 5. the greedy fast path (the shim's argmax) against llama.cpp's own greedy sampler
+    from cyllama_cffi import ClosedError, LlamaSampler
+
+    model = LlamaModel(path)
+    with LlamaContext(model, n_ctx=64, n_threads=2) as ctx, LlamaBatch(64) as batch:
+        batch.set_tokens(list(range(3, 40)), 0)
+        ctx.decode(batch)
+        fast, slow = LlamaSampler().add_greedy(), LlamaSampler().add_top_k(0).add_greedy()
+        assert fast.sample(ctx) == slow.sample(ctx)
+        fast.close()
+        slow.close()
+
+    # 6. the cancel state outlives close(): a cancel racing with close() writes into live memory
+    ctx = LlamaContext(model, n_ctx=64, n_threads=2)
+    ctx.close()
+    try:
+        ctx.cancel = True
+        raise AssertionError("cancel after close() did not raise")
+    except ClosedError:
+        pass
+    del ctx
+
+    # 7. interpreter exit with a daemon thread inside llama_decode: the exit hook aborts it
+    llm = LLM(path, temperature=0.0, max_tokens=100000, n_ctx=4096, n_threads=2)
+    started = threading.Event()
+
+    def decode_forever() -> None:
+        for index, _ in enumerate(llm.stream("the cat sat")):
+            if index == 2:
+                started.set()
+
+    threading.Thread(target=decode_forever, daemon=True).start()
+    started.wait()
     print("valgrind_shim: all paths exercised", flush=True)
     return 0
 

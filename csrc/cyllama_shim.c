@@ -101,21 +101,30 @@ unsigned long cyl_sigint_count(void) {
 
 /* ---- greedy fast path ------------------------------------------------ */
 
-int32_t cyl_argmax(const float *values, int32_t n) {
-    if (n <= 0) return -1;
+int32_t cyl_argmax(const float *values, int32_t count) {
+    if (count <= 0) return -1;
+    /* size_t indices: Python builds extensions with -fwrapv, under which int indices keep gcc
+     * from vectorising these loops (measured: 30 us instead of 5 us for 49k values). */
+    const size_t n = (size_t)count;
     /* Pass 1: the maximum, in 8 independent lanes so the compiler can vectorise. */
     float lane[8];
     for (int k = 0; k < 8; k++) lane[k] = -INFINITY;
-    int32_t i = 0;
+    size_t i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++)
+        for (size_t k = 0; k < 8; k++)
             lane[k] = values[i + k] > lane[k] ? values[i + k] : lane[k];
     float best = -INFINITY;
     for (int k = 0; k < 8; k++) best = lane[k] > best ? lane[k] : best;
     for (; i < n; i++) best = values[i] > best ? values[i] : best;
-    /* Pass 2: its first index (ties go to the lowest id, like the greedy sampler). */
-    for (i = 0; i < n; i++)
-        if (values[i] == best) return i;
+    /* Pass 2: its first index (ties go to the lowest id, like the greedy sampler): find the
+     * block of 64 holding it with a branch-free test, then scan that block. */
+    for (i = 0; i + 64 <= n; i += 64) {
+        int hit = 0;
+        for (size_t k = 0; k < 64; k++) hit |= values[i + k] == best;
+        if (hit) break;
+    }
+    for (; i < n; i++)
+        if (values[i] == best) return (int32_t)i;
     return 0; /* every value NaN (or all -inf: the first one) */
 }
 

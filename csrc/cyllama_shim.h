@@ -41,9 +41,9 @@ bool cyl_sigint_hook_is_current(void);
 unsigned long cyl_sigint_count(void);
 
 /* Index of the first largest of n values: what llama.cpp's greedy sampler picks, without
- * building its n_vocab-entry candidate array every token (~60 us -> a few us at 49k tokens).
+ * building its n_vocab-entry candidate array every token (~60 us -> ~5 us at 49k tokens).
  * NaNs are never chosen unless every value is NaN (then 0), as with the greedy sampler. */
-int32_t cyl_argmax(const float *values, int32_t n);
+int32_t cyl_argmax(const float *values, int32_t count);
 
 /* Log sink for llama_log_set: lines at or above the threshold go to Python. */
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data);

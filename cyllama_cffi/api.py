@@ -432,7 +432,7 @@ class _Stream:
                 self._finish("stop")
                 return
             self.generated.append(token)
-            text = self._assembler.feed(vocab.token_to_bytes(token))
+            text = self._assembler.feed(vocab.piece_bytes(token))
             if text:
                 self._pending.append(text)
             if self._assembler.stopped:

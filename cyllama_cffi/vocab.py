@@ -7,7 +7,7 @@ outside ``[0, n_vocab)`` in ``llama_token_to_piece`` / ``llama_vocab_get_text``.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Iterable, List, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Sequence, Union
 
 from ._ffi import ffi, lib
 
@@ -23,6 +23,10 @@ class LlamaVocab:
     def __init__(self, model: "LlamaModel") -> None:
         self._model = model
         self.n_tokens = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model.ptr))
+        # Memos for the generation loop (a vocabulary never changes): after a token is seen once,
+        # its bytes and end-of-generation flag cost a dict lookup, not C calls and a buffer.
+        self._pieces: Dict[int, bytes] = {}
+        self._eog: Dict[int, bool] = {}
 
     @property
     def ptr(self):
@@ -77,7 +81,11 @@ class LlamaVocab:
         return array("i", values)
 
     def is_eog(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_eog(self.ptr, self.check_token(token)))
+        try:
+            return self._eog[token]
+        except KeyError:
+            value = self._eog[token] = bool(lib.llama_vocab_is_eog(self.ptr, self.check_token(token)))
+            return value
 
     def is_control(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_control(self.ptr, self.check_token(token)))
@@ -113,6 +121,14 @@ class LlamaVocab:
             if count >= 0:
                 return list(ffi.unpack(buffer, count))
             capacity = -count
+
+    def piece_bytes(self, token: int) -> bytes:
+        """``token_to_bytes(token)``, memoised: the generation loop's per-token call."""
+        try:
+            return self._pieces[token]
+        except KeyError:
+            data = self._pieces[token] = self.token_to_bytes(token)
+            return data
 
     def token_to_bytes(self, token: int, special: bool = False, lstrip: int = 0) -> bytes:
         """The raw bytes of one token (may be part of a multi-byte character)."""
