@@ -38,27 +38,21 @@ def main() -> int:
         row = data["machinery"]
         print(f"Cancellation machinery (abort callback + per-token check) on decode: with "
               f"{row['with']['median']:.1f} tok/s, without {row['without']['median']:.1f} tok/s, "
-              f"cost {row['cost'] * 100:+.2f} % (median of {row['with']['n']} runs each).\n")
-    if "pypy_vs_cpython" in data:
-        pypy, ratio = data["pypy"], data["pypy_vs_cpython"]
-        import statistics
-        vs_native = data.get("pypy_vs_native", {})
-
-        def native_ratio(key: str) -> str:
-            return f"{vs_native[key]:.3f}" if key in vs_native else "-"
-        print("| PyPy row | PyPy (median) | PyPy / CPython | PyPy / native |")
-        print("|---|---|---|---|")
-        print(f"| decode 128 | {statistics.median(pypy['decode']):.1f} tok/s | {ratio['decode']:.3f} | "
-              f"{native_ratio('decode')} |")
-        print(f"| prefill 512 | {statistics.median(pypy['prefill512']):.1f} tok/s | {ratio['prefill512']:.3f} | "
-              f"{native_ratio('prefill512')} |")
+              f"cost {row['cost'] * 100:+.2f} % (median of {row.get('pairs', row['with']['n'])} paired ratios).\n")
+    pypy_rows = {k: v for k, v in data.get("pypy", {}).items() if k != "error"}
+    if pypy_rows:
+        print("| PyPy row (interleaved) | native (median) | CPython | PyPy | PyPy / native | PyPy / CPython |")
+        print("|---|---|---|---|---|---|")
+        for kind, row in pypy_rows.items():
+            print(f"| {kind} | {row['native']['median']:.1f} tok/s | {row['cpython']['median']:.1f} tok/s | "
+                  f"{row['pypy']['median']:.1f} tok/s | {row['pypy_vs_native']:.3f} | {row['pypy_vs_cpython']:.3f} |")
         print()
     if "ubatch_sweep" in data:
-        print("| n_ubatch | prefill 4000 tokens | mid-prefill cancel p50 | p99 |")
-        print("|---|---|---|---|")
+        print("| n_ubatch | prefill 4000 tokens | of the fastest | mid-prefill cancel p50 | p99 | trials |")
+        print("|---|---|---|---|---|---|")
         for size, row in data["ubatch_sweep"].items():
-            print(f"| {size} | {row['prefill_tok_s']:.1f} tok/s | {row['cancel_ms']['p50']:.2f} ms | "
-                  f"{row['cancel_ms']['p99']:.2f} ms |")
+            print(f"| {size} | {row['prefill_tok_s']:.1f} tok/s | {row.get('prefill_vs_fastest', float('nan')):.3f} | "
+                  f"{row['cancel_ms']['p50']:.2f} ms | {row['cancel_ms']['p99']:.2f} ms | {row['cancel_ms']['n']} |")
     return 0
 
 

@@ -192,10 +192,11 @@ def cancel_during_decoding(llm, trials: int) -> List[float]:
     return latencies
 
 
-def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000, n_ubatch: int = 512) -> List[float]:
+def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000, n_ubatch: Optional[int] = None) -> List[float]:
+    """``cancel()`` from a timer at a random moment of a long prefill (``n_ubatch``: the default's)."""
     latencies = []
     prompt = long_prompt(llm, n_tokens)
-    config = llm.config.replace(max_tokens=4, n_ctx=8192, n_ubatch=n_ubatch)
+    config = llm.config.replace(max_tokens=4, n_ctx=8192, n_ubatch=n_ubatch or llm.config.n_ubatch)
     for _ in range(trials):
         stream = llm.stream(prompt, config=config)
         marks: Dict[str, float] = {}
@@ -287,20 +288,58 @@ def find_pypy() -> Optional[str]:
     return None
 
 
-def pypy_rows(pypy: str, model: Path, threads: int, repeats: int) -> Dict[str, Any]:
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); from bench import run as b; from pathlib import Path\n"
-        "llm = b.make_llm(Path(sys.argv[2]), int(sys.argv[3])); r = int(sys.argv[4])\n"
-        "b.binding_decode(llm)\n"
-        "out = {'decode': [b.binding_decode(llm) for _ in range(r)],"
-        " 'prefill512': [b.binding_prefill(llm, b.long_prompt(llm, 512)) for _ in range(r)]}\n"
-        "print(json.dumps(out))\n"
-    )
-    result = subprocess.run([pypy, "-c", code, str(REPO), str(model), str(threads), str(repeats)],
-                            capture_output=True, text=True, cwd=str(REPO))
-    if result.returncode != 0:
-        return {"error": result.stderr[-2000:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+PYPY_WORKER = (
+    "import json, sys; sys.path.insert(0, sys.argv[1]); from bench import run as b; from pathlib import Path\n"
+    "llm = b.make_llm(Path(sys.argv[2]), int(sys.argv[3]))\n"
+    "b.binding_decode(llm)  # warm-up: context, JIT\n"
+    "for line in sys.stdin:\n"
+    "    kind = line.strip()\n"
+    "    value = b.binding_decode(llm) if kind == 'decode' else b.binding_prefill(llm, b.long_prompt(llm, 512))\n"
+    "    print(json.dumps(value), flush=True)\n"
+)
+
+
+def pypy_rows(pypy: str, model: Path, threads: int, repeats: int, binary: Path, llm) -> Dict[str, Any]:
+    """Decode and prefill-512 under PyPy, interleaved with native llama-bench and CPython.
+
+    One PyPy process stays up (its JIT warm) and measures one row per request, so each
+    repeat is native, CPython, PyPy back to back and the ratios share the machine's state.
+    """
+    worker = subprocess.Popen([pypy, "-c", PYPY_WORKER, str(REPO), str(model), str(threads)], cwd=str(REPO),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def on_pypy(kind: str) -> float:
+        worker.stdin.write(kind + "\n")
+        worker.stdin.flush()
+        line = worker.stdout.readline()
+        if not line:
+            raise RuntimeError(worker.stderr.read()[-2000:])
+        return float(line)
+
+    prompt512 = long_prompt(llm, 512)
+    measures = {
+        "decode": (lambda: run_llama_bench(binary, model, threads, 0, 128), lambda: binding_decode(llm)),
+        "prefill512": (lambda: run_llama_bench(binary, model, threads, 512, 0),
+                       lambda: binding_prefill(llm, prompt512)),
+    }
+    rows: Dict[str, Any] = {}
+    try:
+        for kind, (native, cpython) in measures.items():
+            values: Dict[str, List[float]] = {"native": [], "cpython": [], "pypy": []}
+            on_pypy(kind)  # warm-up of this row's code path
+            for _ in range(repeats):
+                values["native"].append(native())
+                values["cpython"].append(cpython())
+                values["pypy"].append(on_pypy(kind))
+            rows[kind] = {name: summary(series) for name, series in values.items()}
+            rows[kind]["pypy_vs_native"] = statistics.median(values["pypy"]) / statistics.median(values["native"])
+            rows[kind]["pypy_vs_cpython"] = statistics.median(values["pypy"]) / statistics.median(values["cpython"])
+    except Exception as error:  # noqa: BLE001 - reported in the table, the other rows still count
+        return {"error": str(error)}
+    finally:
+        worker.stdin.close()
+        worker.wait(timeout=60)
+    return rows
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -348,7 +387,7 @@ def main() -> int:
         interleaved("prefill pp512", repeats, lambda: run_llama_bench(binary, model, args.threads, 512, 0),
                     lambda: binding_prefill(llm, prompt512), results)
         prompt4096 = long_prompt(llm, 4096)
-        interleaved("prefill pp4096", max(2, repeats // 2),
+        interleaved("prefill pp4096", repeats,
                     lambda: run_llama_bench(binary, model, args.threads, 4096, 0),
                     lambda: binding_prefill(llm, prompt4096), results)
     if "cancel" in parts:
@@ -358,18 +397,27 @@ def main() -> int:
         latency_row("SIGINT mid-prefill", sigint_mid_prefill(model, args.threads, 5 if args.quick else 12,
                                                              long_prompt(llm, 4000)), results)
     if "machinery" in parts:
+        # Back-to-back pairs, the order alternating, and the median of the per-pair ratios: the
+        # machine's drift between pairs (several % on a shared VM) cancels out of each ratio.
         plain = make_llm(model, args.threads)
         plain._cancel_machinery = False
-        with_values, without_values = [], []
+        with_values, without_values, ratios = [], [], []
         binding_decode(plain)
-        for _ in range(repeats * 2):
-            with_values.append(binding_decode(llm))
-            without_values.append(binding_decode(plain))
+        for index in range(repeats * 4):
+            if index % 2:
+                without_values.append(binding_decode(plain))
+                with_values.append(binding_decode(llm))
+            else:
+                with_values.append(binding_decode(llm))
+                without_values.append(binding_decode(plain))
+            ratios.append(with_values[-1] / without_values[-1])
         plain.close()
-        cost = 1 - statistics.median(with_values) / statistics.median(without_values)
-        results["machinery"] = {"with": summary(with_values), "without": summary(without_values), "cost": cost}
+        cost = 1 - statistics.median(ratios)
+        results["machinery"] = {"with": summary(with_values), "without": summary(without_values), "cost": cost,
+                                "pairs": len(ratios)}
         print(f"{'cancellation machinery':<28} with {statistics.median(with_values):8.1f} tok/s   without "
-              f"{statistics.median(without_values):8.1f} tok/s   cost {cost * 100:+.2f} %", flush=True)
+              f"{statistics.median(without_values):8.1f} tok/s   cost {cost * 100:+.2f} % "
+              f"(median of {len(ratios)} paired ratios)", flush=True)
     if "startup" in parts:
         latency_row("import (fresh process)", import_time(sys.executable, repeats * 2), results)
         latency_row("model load", load_time(model, repeats), results)
@@ -378,37 +426,36 @@ def main() -> int:
         if pypy is None:
             print("pypy: no .venv-pypy (create it as in the README) - rows skipped", flush=True)
         else:
-            rows = pypy_rows(pypy, model, args.threads, repeats)
+            rows = pypy_rows(pypy, model, args.threads, repeats, native_bench_binary(), llm)
             results["pypy"] = rows
             if "error" in rows:
                 print(f"pypy: failed: {rows['error']}", flush=True)
-            else:
-                cpython_decode = [binding_decode(llm) for _ in range(repeats)]
-                cpython_prefill = [binding_prefill(llm, long_prompt(llm, 512)) for _ in range(repeats)]
-                results["pypy_vs_cpython"] = {"decode": statistics.median(rows["decode"]) / statistics.median(cpython_decode),
-                                              "prefill512": statistics.median(rows["prefill512"]) / statistics.median(cpython_prefill)}
-                print(f"{'PyPy decode':<28} {statistics.median(rows['decode']):8.1f} tok/s   CPython "
-                      f"{statistics.median(cpython_decode):8.1f}   ratio {results['pypy_vs_cpython']['decode']:.3f}")
-                print(f"{'PyPy prefill 512':<28} {statistics.median(rows['prefill512']):8.1f} tok/s   CPython "
-                      f"{statistics.median(cpython_prefill):8.1f}   ratio {results['pypy_vs_cpython']['prefill512']:.3f}",
+            for kind, row in rows.items():
+                if kind == "error":
+                    continue
+                print(f"{'PyPy ' + kind:<28} native {row['native']['median']:8.1f}   CPython "
+                      f"{row['cpython']['median']:8.1f}   PyPy {row['pypy']['median']:8.1f} tok/s   "
+                      f"PyPy/native {row['pypy_vs_native']:.3f}   PyPy/CPython {row['pypy_vs_cpython']:.3f}",
                       flush=True)
-                native = {"decode": results.get("decode tg128"), "prefill512": results.get("prefill pp512")}
-                results["pypy_vs_native"] = {
-                    key: statistics.median(rows[key]) / row["native"]["median"]
-                    for key, row in native.items() if row is not None}
-                for key, ratio in results["pypy_vs_native"].items():
-                    print(f"{'PyPy ' + key + ' vs native':<28} ratio {ratio:.3f} "
-                          "(native median from the rows above)", flush=True)
     if "ubatch" in parts:
-        sweep = {}
+        # Interleaved rounds (128, 256, 512, 128, ...) so machine drift hits every size alike.
+        sizes = (128, 256, 512)
         prompt4000 = long_prompt(llm, 4000)
-        for n_ubatch in (128, 256, 512):
-            speed = [binding_prefill(llm, prompt4000, n_ubatch) for _ in range(2)]
-            latency = [v * 1000 for v in cancel_mid_prefill(llm, 10, 4000, n_ubatch)]
-            sweep[n_ubatch] = {"prefill_tok_s": statistics.median(speed), "cancel_ms": summary(latency)}
-            print(f"n_ubatch {n_ubatch:<5} prefill 4000: {statistics.median(speed):7.1f} tok/s   "
-                  f"mid-prefill cancel p50 {sweep[n_ubatch]['cancel_ms']['p50']:.2f} ms "
-                  f"p99 {sweep[n_ubatch]['cancel_ms']['p99']:.2f} ms", flush=True)
+        speeds: Dict[int, List[float]] = {size: [] for size in sizes}
+        latencies: Dict[int, List[float]] = {size: [] for size in sizes}
+        for _ in range(max(2, repeats)):
+            for size in sizes:
+                speeds[size].append(binding_prefill(llm, prompt4000, size))
+                latencies[size] += [v * 1000 for v in cancel_mid_prefill(llm, 3, 4000, size)]
+        sweep = {}
+        fastest = max(statistics.median(values) for values in speeds.values())
+        for size in sizes:
+            speed = statistics.median(speeds[size])
+            sweep[size] = {"prefill_tok_s": speed, "prefill_vs_fastest": speed / fastest,
+                           "cancel_ms": summary(latencies[size])}
+            print(f"n_ubatch {size:<5} prefill 4000: {speed:7.1f} tok/s ({speed / fastest:.3f} of the fastest)   "
+                  f"mid-prefill cancel p50 {sweep[size]['cancel_ms']['p50']:.2f} ms "
+                  f"p99 {sweep[size]['cancel_ms']['p99']:.2f} ms (n={sweep[size]['cancel_ms']['n']})", flush=True)
         results["ubatch_sweep"] = sweep
     llm.close()
 
