@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from cyllama_cffi._ffi import lib
 from cyllama_cffi.batch import LlamaBatch
 from cyllama_cffi.context import LlamaContext, usable_cores
 from cyllama_cffi.errors import ClosedError, ContextBusyError, DecodeAborted
@@ -214,6 +215,47 @@ def test_concurrent_decode_on_one_context_is_refused(model):
             ctx.decode(batch)
         worker.join()
         assert errors == [None]
+
+
+def test_close_from_another_thread_aborts_and_waits_for_the_running_decode(model):
+    """close() raises the abort flag, waits for llama_decode to return, then frees: the decoding
+    thread sees DecodeAborted, never a freed context, and the context is closed afterwards."""
+    ctx = LlamaContext(model, n_ctx=4096, n_batch=4096, n_ubatch=512)
+    batch = LlamaBatch(4096)
+    batch.set_tokens([100 + (i % 1000) for i in range(3000)], 0)
+    inside = threading.Event()
+    state = ctx._cancel_state  # a Python callback that also honours the C flag, to see "inside"
+    ctx.set_abort_callback(lambda: inside.set() or bool(lib.cyl_cancel_get(state)))
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_decode_or_error(ctx, batch)))
+    worker.start()
+    assert inside.wait(30)
+    ctx.close()
+    worker.join()
+    assert isinstance(outcome[0], DecodeAborted) and ctx.closed
+    with pytest.raises(ClosedError):
+        ctx.cancel = True
+    batch.close()
+
+
+def test_close_with_a_timeout_leaks_rather_than_frees_under_a_decode(model, caplog):
+    """A decode that ignores the abort (a backend without abort support, simulated by a callback
+    that blocks) is not freed under: close(timeout) gives up, logs, and leaks the context."""
+    ctx = LlamaContext(model, n_ctx=256, n_batch=256)
+    batch = LlamaBatch(256)
+    batch.set_tokens([100 + i for i in range(200)], 0)
+    inside, release = threading.Event(), threading.Event()
+    ctx.set_abort_callback(lambda: inside.set() or release.wait(30) and False)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_decode_or_error(ctx, batch)))
+    worker.start()
+    assert inside.wait(30)
+    ctx.close(timeout=0.2)
+    assert ctx.closed and "leaking its context" in caplog.text
+    assert ctx._finalizer.alive is False  # detached: nothing will free it under the decode
+    release.set()
+    worker.join()
+    assert outcome == [None]  # the decode finished normally on the leaked context
 
 
 def _decode_or_error(ctx, batch):
