@@ -1,6 +1,7 @@
 """Exercise the C shim under valgrind: cancel flag, abort callbacks, SIGINT hook, log sink.
 
     python tests/tiny_gguf.py /tmp/tiny.gguf      # written outside valgrind (numpy, gguf)
+    # valgrind 3.19 has no AVX-512: on such CPUs use a CYLLAMA_NATIVE=0 build (docs/reliability.md)
     PYTHONMALLOC=malloc valgrind --error-exitcode=99 --leak-check=full --show-leak-kinds=definite \\
         --errors-for-leak-kinds=definite --track-origins=yes python3.11 bench/valgrind_shim.py /tmp/tiny.gguf
 
@@ -92,9 +93,10 @@ def main(path: str) -> int:
     # 4. the SIGINT hook: a real SIGINT while llama_decode runs, then the Python handler
     with llm.install_sigint_handler():
         for delay in (0.001, 0.01, 0.05, 0.3):
+            stream = llm.stream(prompt)  # started first: a SIGINT before the start would be forgotten
             timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
             timer.start()
-            list(llm.stream(prompt))
+            list(stream)
             timer.join()  # the signal was sent; valgrind delivers it at its next poll
             deadline = time.monotonic() + 10.0
             while not llm.cancel_requested and time.monotonic() < deadline:
