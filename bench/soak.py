@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 KINDS = ("tokens", "prefill", "close", "hammer", "replace", "sigint", "none")
+REPLACE_UBATCHES = (64, 128, 512)  # the n_ubatch values "replace" cycles switch the context to
 WORDS = ("the quick brown fox jumps over the lazy dog while a small cat sleeps on a warm mat near "
          "an old window and the rain falls softly on the garden").split()
 CHECK_PROMPTS = ("The capital of France is", "Once upon a time, in a land far away,", "def fibonacci(n):")
@@ -97,6 +98,11 @@ class Soak:
         self.check_config = self.llm.config.replace(max_tokens=CHECK_TOKENS)
         start = time.perf_counter()
         list(self.llm.stream(random_prompt(self.rng, 700)))  # warm-up: the longest prompt a cycle uses
+        # ... and every context shape the cycles switch to, so the allocator's high-water mark
+        # (glibc raises its mmap threshold after freeing big blocks) is reached before the baseline
+        for n_ubatch in REPLACE_UBATCHES:
+            list(self.llm.stream(random_prompt(self.rng, 700), config=self.llm.config.replace(n_ubatch=n_ubatch)))
+        list(self.llm.stream(random_prompt(self.rng, 700)))
         timing = self.llm.stream(random_prompt(self.rng, 300), config=self.llm.config.replace(max_tokens=16))
         list(timing)
         stats = timing.stats
@@ -163,7 +169,7 @@ class Soak:
         if kind == "hammer":  # several threads cancelling at random moments
             return self.run_stream(random_prompt(rng, rng.randint(3, 300)), self._hammer)
         if kind == "replace":  # the same, while the call (and the next check) replace the context
-            config = self.llm.config.replace(n_ubatch=rng.choice((64, 128, 512)))
+            config = self.llm.config.replace(n_ubatch=rng.choice(REPLACE_UBATCHES))
             return self.run_stream(random_prompt(rng, rng.randint(3, 300)), self._hammer, config=config)
         return self.run_stream(short, lambda s: (lambda: None))  # "none": a control
 

@@ -271,7 +271,10 @@ class LLM:
                 ctx._remove_abort_callback()
             self._ctx, self._ctx_key = ctx, key
             self._kv_tokens = []
-            self._batch = LlamaBatch(ctx.n_batch)
+            if self._batch is None or self._batch.capacity < ctx.n_batch:
+                if self._batch is not None:  # no live stream uses it (_claim): free it now, not at GC
+                    self._batch.close()
+                self._batch = LlamaBatch(ctx.n_batch)
         return ctx
 
     # -- lifetime ---------------------------------------------------------------------------------
