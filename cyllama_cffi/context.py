@@ -302,9 +302,14 @@ class LlamaContext(CHandle):
         return lib.llama_n_threads(self.ptr)
 
     def set_n_threads(self, n_threads: int, n_threads_batch: Optional[int] = None) -> None:
+        """Change the thread counts; ``ContextBusyError`` while a decode runs (it reads them)."""
         if n_threads <= 0 or (n_threads_batch is not None and n_threads_batch <= 0):
             raise ValueError("thread counts must be positive")
-        lib.llama_set_n_threads(self.ptr, n_threads, n_threads_batch or n_threads)
+        pointer = self._acquire()
+        try:
+            lib.llama_set_n_threads(pointer, n_threads, n_threads_batch or n_threads)
+        finally:
+            self._busy.release()
 
     # -- lifetime -----------------------------------------------------------------
     def close(self, timeout: Optional[float] = None) -> None:

@@ -213,8 +213,12 @@ def test_concurrent_decode_on_one_context_is_refused(model):
         assert started.wait(30)
         with pytest.raises(ContextBusyError):
             ctx.decode(batch)
+        with pytest.raises(ContextBusyError):  # the running decode reads the thread counts
+            ctx.set_n_threads(1)
         worker.join()
         assert errors == [None]
+        ctx.set_n_threads(1)
+        assert ctx.n_threads == 1
 
 
 def test_close_from_another_thread_aborts_and_waits_for_the_running_decode(model):
