@@ -165,6 +165,24 @@ def cancel_between_tokens(llm, trials: int) -> List[float]:
     return latencies
 
 
+def cancel_by_timer(llm, stream, delay: float) -> float:
+    """Consume ``stream`` while a timer calls ``llm.cancel()`` after ``delay`` seconds; return the
+    seconds from that ``cancel()`` call to the end of the stream."""
+    marks: Dict[str, float] = {}
+
+    def cancel() -> None:
+        marks["cancel"] = time.perf_counter()
+        llm.cancel()
+
+    timer = threading.Timer(delay, cancel)
+    timer.start()
+    for _ in stream:
+        pass
+    end = time.perf_counter()
+    timer.join()
+    return end - marks["cancel"]
+
+
 def cancel_during_decoding(llm, trials: int) -> List[float]:
     """``cancel()`` from a timer at a random moment of steady-state generation: nearly always it
     lands inside the single-token ``llama_decode`` and the C abort callback ends it at the next
@@ -173,22 +191,10 @@ def cancel_during_decoding(llm, trials: int) -> List[float]:
     config = llm.config.replace(max_tokens=100000, n_ctx=2048)
     for _ in range(trials):
         stream = llm.stream(DECODE_PROMPT, config=config)
-        delay = random.uniform(0.05, 0.4)
-        marks: Dict[str, float] = {}
-
-        def cancel() -> None:
-            marks["cancel"] = time.perf_counter()
-            llm.cancel()
-
-        timer = threading.Timer(delay, cancel)
-        timer.start()
-        for _ in stream:
-            pass
-        end = time.perf_counter()
-        timer.join()
+        latency = cancel_by_timer(llm, stream, random.uniform(0.05, 0.4))
         if stream.finish_reason != "cancelled":
             raise RuntimeError("generation ended before the cancel")
-        latencies.append(end - marks["cancel"])
+        latencies.append(latency)
     return latencies
 
 
@@ -199,21 +205,10 @@ def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000, n_ubatch: Optiona
     config = llm.config.replace(max_tokens=4, n_ctx=8192, n_ubatch=n_ubatch or llm.config.n_ubatch)
     for _ in range(trials):
         stream = llm.stream(prompt, config=config)
-        marks: Dict[str, float] = {}
-
-        def cancel() -> None:
-            marks["cancel"] = time.perf_counter()
-            llm.cancel()
-
-        timer = threading.Timer(random.uniform(0.2, 3.0), cancel)
-        timer.start()
-        for _ in stream:
-            pass
-        end = time.perf_counter()
-        timer.join()
+        latency = cancel_by_timer(llm, stream, random.uniform(0.2, 3.0))
         if stream.finish_reason != "cancelled" or stream.stats.generated_tokens:
             raise RuntimeError("prefill finished before the cancel; use a longer prompt")
-        latencies.append(end - marks["cancel"])
+        latencies.append(latency)
     return latencies
 
 

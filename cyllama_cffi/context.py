@@ -24,6 +24,7 @@ Lifetimes, so that no thread ever touches freed memory:
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -110,7 +111,8 @@ class LlamaContext(CHandle):
         pointer = lib.llama_init_from_model(model.ptr, params)
         if pointer == ffi.NULL:
             raise LlamaError("llama.cpp could not create the context (see the cyllama_cffi.llama log)")
-        super().__init__(pointer, _free_context_factory(cancel_state))
+        # The finalizer holds cancel_state too: the context points at it until llama_free.
+        super().__init__(pointer, functools.partial(_free_context, cancel_state=cancel_state))
         self._depend_on(model)
         self.model = model
         self.vocab = model.vocab
@@ -194,6 +196,14 @@ class LlamaContext(CHandle):
             raise ClosedError("this context is closed")
         return pointer
 
+    def _locked(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` holding the busy lock: never while a decode runs, never after close."""
+        self._acquire()
+        try:
+            return function(*args)
+        finally:
+            self._busy.release()
+
     # -- decoding -----------------------------------------------------------
 
     def decode(self, batch: LlamaBatch) -> None:
@@ -245,11 +255,7 @@ class LlamaContext(CHandle):
 
     def trim_to_committed(self, seq_id: int = 0) -> int:
         """Drop anything past the last committed position of ``seq_id``; return how many remain."""
-        self._acquire()
-        try:
-            return self._trim_locked(seq_id)
-        finally:
-            self._busy.release()
+        return self._locked(self._trim_locked, seq_id)
 
     def _trim_locked(self, seq_id: int) -> int:
         pos_max = lib.llama_memory_seq_pos_max(self._memory, seq_id)
@@ -275,26 +281,18 @@ class LlamaContext(CHandle):
         return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
 
     # -- memory (KV cache) ----------------------------------------------------
-    def _with_memory(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Call ``function(memory, *args)`` holding the busy lock (never while a decode runs)."""
-        self._acquire()
-        try:
-            return function(self._memory, *args)
-        finally:
-            self._busy.release()
-
     def memory_clear(self, data: bool = True) -> None:
-        self._with_memory(lib.llama_memory_clear, data)
+        self._locked(lib.llama_memory_clear, self._memory, data)
         self._logit_rows = ()
 
     def memory_seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        return bool(self._with_memory(lib.llama_memory_seq_rm, seq_id, p0, p1))
+        return bool(self._locked(lib.llama_memory_seq_rm, self._memory, seq_id, p0, p1))
 
     def memory_seq_pos_max(self, seq_id: int = 0) -> int:
-        return self._with_memory(lib.llama_memory_seq_pos_max, seq_id)
+        return self._locked(lib.llama_memory_seq_pos_max, self._memory, seq_id)
 
     def memory_seq_pos_min(self, seq_id: int = 0) -> int:
-        return self._with_memory(lib.llama_memory_seq_pos_min, seq_id)
+        return self._locked(lib.llama_memory_seq_pos_min, self._memory, seq_id)
 
     # -- threads ----------------------------------------------------------------
     @property
@@ -305,11 +303,7 @@ class LlamaContext(CHandle):
         """Change the thread counts; ``ContextBusyError`` while a decode runs (it reads them)."""
         if n_threads <= 0 or (n_threads_batch is not None and n_threads_batch <= 0):
             raise ValueError("thread counts must be positive")
-        pointer = self._acquire()
-        try:
-            lib.llama_set_n_threads(pointer, n_threads, n_threads_batch or n_threads)
-        finally:
-            self._busy.release()
+        self._locked(lambda: lib.llama_set_n_threads(self._ptr, n_threads, n_threads_batch or n_threads))
 
     # -- lifetime -----------------------------------------------------------------
     def close(self, timeout: Optional[float] = None) -> None:
@@ -334,13 +328,9 @@ class LlamaContext(CHandle):
             self._busy.release()
 
 
-def _free_context_factory(cancel_state: Any) -> Callable[[Any], None]:
-    def free(pointer: Any) -> None:
-        llama_free(pointer)
-        del keep_alive[:]  # the context pointed at the cancel state until now
-    llama_free = lib.llama_free
-    keep_alive = [cancel_state]
-    return free
+def _free_context(pointer: Any, cancel_state: Any) -> None:
+    """Free the context; ``cancel_state`` is an argument only to keep it alive until then."""
+    lib.llama_free(pointer)
 
 
 # -- interpreter exit ----------------------------------------------------------------

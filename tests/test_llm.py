@@ -59,6 +59,19 @@ def test_context_is_created_lazily_and_reused(model_path):
         assert llm._ctx is first
 
 
+def test_replacing_the_context_frees_a_too_small_batch_at_once(model_path):
+    """The token batch follows the context: a bigger n_batch gets a new batch and the old one is
+    freed now (not whenever a garbage collector gets to it); a smaller one reuses the batch."""
+    with LLM(model_path, temperature=0.0, max_tokens=2, n_batch=64) as llm:
+        llm("the cat")
+        small = llm._batch
+        llm("the cat", config=llm.config.replace(n_batch=128))
+        assert small.closed and llm._batch.capacity >= 128
+        big = llm._batch
+        llm("the cat", config=llm.config.replace(n_batch=32))
+        assert llm._batch is big and not big.closed
+
+
 def test_response_behaves_like_its_text(llm):
     response = llm(PROMPT)
     assert isinstance(response, Response)
