@@ -16,7 +16,7 @@ def main() -> int:
     print(f"Machine: {machine['cores_usable']} usable cores, {machine['cpu']}, {machine['platform']}, "
           f"{machine['implementation']} {machine['python']}; threads: {data['threads']}; model: {data['model']}.\n")
     print(f"Command: `{data['command']}`\n")
-    throughput = [k for k in ("decode tg128", "prefill pp512", "prefill pp4096") if k in data]
+    throughput = [k for k in ("decode tg128", "prefill pp512", "prefill pp4096", "prefill pp4096 hugepages") if k in data]
     if throughput:
         print("| row | native llama-bench (median, min) | cyllama_cffi (median, min) | ratio of medians |")
         print("|---|---|---|---|")

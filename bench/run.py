@@ -5,8 +5,10 @@
     python bench/run.py --only decode,prefill --json out.json
 
 Native ``llama-bench`` (and this binding) run interleaved in one process tree
-(A, B, A, B, ...), so both see the same machine state; each row reports the
-min and median of the repeats and the ratio of medians. Rows:
+(A B, B A, A B, ...), so both see the same machine state; each row reports the
+min and median of the repeats and the ratio of medians. In the decode and prefill
+rows every sample of either side is a fresh process with a warm-up run, as a
+llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
   decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
   prefill   512 and ~4000-token prompts through ``LLM``        vs  pp512 / pp4096
@@ -68,12 +70,18 @@ def native_bench_binary() -> Path:
     return binary
 
 
+# glibc's malloc backs its big (mmap) chunks with transparent huge pages under this tunable; the
+# KV cache and compute buffers are such chunks. See docs/performance.md (pp4096) for why a row
+# runs both sides with it.
+HUGEPAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
 def run_llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int,
-                    n_ubatch: int = 512) -> float:
-    """tokens/s of one llama-bench repetition."""
+                    n_ubatch: int = 512, env: Optional[Dict[str, str]] = None) -> float:
+    """tokens/s of one llama-bench repetition (``env``: extra environment variables)."""
     command = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
                "-r", "1", "-ub", str(n_ubatch), "-o", "json"]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
     rows = json.loads(result.stdout)
     return float(rows[0]["avg_ts"])
 
@@ -92,8 +100,9 @@ def long_prompt(llm, n_tokens: int) -> str:
     return llm.detokenize(tokens)
 
 
-def binding_decode(llm, n_gen: int = 128) -> float:
-    config = llm.config.replace(max_tokens=n_gen, n_ctx=1024)
+def binding_decode(llm, n_gen: int = 128, n_ctx: Optional[int] = 1024) -> float:
+    """Generation tokens/s of one 128-token greedy stream (``n_ctx`` None: sized to fit, as tg128's)."""
+    config = llm.config.replace(max_tokens=n_gen, n_ctx=n_ctx)
     stream = llm.stream(DECODE_PROMPT, config=config)
     for _ in stream:
         pass
@@ -103,20 +112,60 @@ def binding_decode(llm, n_gen: int = 128) -> float:
     return stats.tokens_per_second
 
 
-def binding_prefill(llm, prompt: str, n_ubatch: int = 512) -> float:
-    config = llm.config.replace(max_tokens=1, n_ctx=8192, n_ubatch=n_ubatch)
+def binding_prefill(llm, prompt: str, n_ubatch: Optional[int] = None, n_ctx: Optional[int] = 8192) -> float:
+    """Prefill tokens/s of one ``llm(prompt)`` (``n_ubatch`` None: the default's)."""
+    config = llm.config.replace(max_tokens=1, n_ctx=n_ctx, n_ubatch=n_ubatch or llm.config.n_ubatch)
     response = llm(prompt, config=config)
     return response.stats.prompt_tokens / response.stats.prompt_time
+
+
+def sample_in_fresh_process(model: Path, threads: int, kind: str, env: Optional[Dict[str, str]] = None) -> float:
+    """One repetition the way ``llama-bench`` makes one: a new process, a warm-up run, the timed run.
+
+    ``kind``: ``decode`` or ``prefillN``. Every llama-bench repetition is a new process with new
+    KV and compute buffers, and on the VM of docs/performance.md the speed of a long prefill
+    depends on that allocation: with identical code and settings, one context runs 4096-token
+    prefills at ~310 tok/s and the next at ~350, every time (bimodal, same virtual addresses).
+    A row that reused one context compared one draw of that lottery with many; here both sides
+    draw anew for every sample.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--threads", str(threads),
+               "--sample", kind]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+    return float(result.stdout.split()[-1])
+
+
+def run_sample(model: Path, threads: int, kind: str) -> float:
+    """The child side of :func:`sample_in_fresh_process`.
+
+    A prefill of N is a prompt of N-1 tokens plus the one generated token in a context of exactly
+    N cells: the same KV cache llama-bench's ``pp N`` decodes into. n_batch and n_ubatch are the
+    binding's defaults (2048 and 512, as llama-bench's).
+    """
+    llm = make_llm(model, threads)
+    if kind == "decode":
+        run = lambda warm: binding_decode(warm, n_ctx=None)  # noqa: E731
+    else:
+        n_prompt = int(kind[len("prefill"):])
+        prompt = long_prompt(llm, n_prompt - 1)
+        run = lambda warm: binding_prefill(warm, prompt, n_ctx=n_prompt)  # noqa: E731
+    run(llm)  # warm-up, as llama-bench's
+    value = run(llm)
+    llm.close()
+    return value
 
 
 def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Callable[[], float],
                 results: Dict[str, Any]) -> None:
     native_values: List[float] = []
     our_values: List[float] = []
-    ours()  # warm-up (context creation, caches)
-    for _ in range(repeats):
-        native_values.append(native())
-        our_values.append(ours())
+    for index in range(repeats):  # A B, B A, A B, ...: neither side always runs first
+        if index % 2:
+            our_values.append(ours())
+            native_values.append(native())
+        else:
+            native_values.append(native())
+            our_values.append(ours())
     row = {"native": summary(native_values), "binding": summary(our_values),
            "ratio_median": statistics.median(our_values) / statistics.median(native_values)}
     results[name] = row
@@ -357,7 +406,10 @@ def main() -> int:
     parser.add_argument("--model", help="GGUF (default: the default model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long-repeats", type=int, default=9,
+                        help="repeats of the pp4096 row, whose samples spread the most (see sample_in_fresh_process)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
+    parser.add_argument("--sample", help=argparse.SUPPRESS)  # child of sample_in_fresh_process
     parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
@@ -365,8 +417,13 @@ def main() -> int:
     from cyllama_cffi.models import default_model_path
 
     model = default_model_path(args.model)
+    if args.sample:
+        print(run_sample(model, args.threads, args.sample))
+        return 0
     parts = set(args.only.split(","))
     repeats = 2 if args.quick else args.repeats
+    if args.quick:
+        args.long_repeats = 2
     results: Dict[str, Any] = {"machine": machine_info(), "threads": args.threads, "model": model.name,
                                "command": " ".join([Path(sys.executable).name] + sys.argv)}
     print(f"machine: {results['machine']}  threads: {args.threads}  model: {model.name}", flush=True)
@@ -376,15 +433,17 @@ def main() -> int:
         binary = native_bench_binary()
     if "decode" in parts:
         interleaved("decode tg128", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
-                    lambda: binding_decode(llm), results)
+                    lambda: sample_in_fresh_process(model, args.threads, "decode"), results)
     if "prefill" in parts:
-        prompt512 = long_prompt(llm, 512)
-        interleaved("prefill pp512", repeats, lambda: run_llama_bench(binary, model, args.threads, 512, 0),
-                    lambda: binding_prefill(llm, prompt512), results)
-        prompt4096 = long_prompt(llm, 4096)
-        interleaved("prefill pp4096", repeats,
-                    lambda: run_llama_bench(binary, model, args.threads, 4096, 0),
-                    lambda: binding_prefill(llm, prompt4096), results)
+        for n_prompt, row_repeats in ((512, repeats), (4096, args.long_repeats)):
+            interleaved(f"prefill pp{n_prompt}", row_repeats,
+                        lambda: run_llama_bench(binary, model, args.threads, n_prompt, 0),
+                        lambda: sample_in_fresh_process(model, args.threads, f"prefill{n_prompt}"), results)
+        # Page placement decides much of a long prefill's speed on a VM (docs/performance.md);
+        # huge pages on both sides take most of that lottery out of the comparison.
+        interleaved("prefill pp4096 hugepages", args.long_repeats,
+                    lambda: run_llama_bench(binary, model, args.threads, 4096, 0, env=HUGEPAGES_ENV),
+                    lambda: sample_in_fresh_process(model, args.threads, "prefill4096", env=HUGEPAGES_ENV), results)
     if "cancel" in parts:
         latency_row("cancel between tokens", cancel_between_tokens(llm, 10 if args.quick else 40), results)
         latency_row("cancel during decoding", cancel_during_decoding(llm, 10 if args.quick else 60), results)

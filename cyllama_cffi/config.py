@@ -39,7 +39,7 @@ class GenerationConfig:
     tensor_split: Optional[List[float]] = None
     n_ctx: Optional[int] = None
     n_batch: int = 2048
-    n_ubatch: int = 256
+    n_ubatch: int = 512
     seed: Optional[int] = None
     stop_sequences: List[str] = field(default_factory=list)
     add_bos: bool = True

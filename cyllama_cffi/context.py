@@ -74,7 +74,7 @@ class LlamaContext(CHandle):
         *,
         n_ctx: int = 0,
         n_batch: int = 2048,
-        n_ubatch: int = 256,
+        n_ubatch: int = 512,
         n_threads: Optional[int] = None,
         n_threads_batch: Optional[int] = None,
         n_seq_max: int = 1,

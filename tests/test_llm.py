@@ -154,6 +154,17 @@ def test_sampling_settings_run(llm):
     assert llm(PROMPT, config=seeded).text == llm(PROMPT, config=seeded).text
 
 
+def test_default_micro_batch_is_llama_cpp_default(llm):
+    """n_ubatch 256 cost ~10 % of a long prefill against native llama.cpp (docs/performance.md):
+    the default context the LLM makes must use llama.cpp's own micro-batch."""
+    from cyllama_cffi._ffi import lib
+
+    native_default = lib.llama_context_default_params().n_ubatch
+    assert GenerationConfig().n_ubatch == native_default == 512
+    llm("Hi", config=llm.config.replace(max_tokens=1, n_ctx=1024))  # llama.cpp caps it at n_ctx
+    assert llm._ctx.n_ubatch == native_default
+
+
 def test_generation_stats_defaults():
     assert GenerationStats().to_dict()["generated_tokens"] == 0
 
