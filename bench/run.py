@@ -11,7 +11,8 @@ rows every sample of either side is a fresh process with a warm-up run, as a
 llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
   decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
-  prefill   512 and ~4000-token prompts through ``LLM``        vs  pp512 / pp4096
+  prefill   512- and 4096-token prompts through ``LLM``        vs  pp512 / pp4096, and pp4096
+            again with glibc's huge pages on both sides
   cancel    between tokens (stream suspended), at a random moment of decoding, mid-prefill
             (cancel() from another thread), SIGINT mid-prefill (real child process)
   machinery decode with the abort callback + per-token check vs without (bench-only switch)
@@ -73,15 +74,15 @@ def native_bench_binary() -> Path:
 # glibc's malloc backs its big (mmap) chunks with transparent huge pages under this tunable; the
 # KV cache and compute buffers are such chunks. See docs/performance.md (pp4096) for why a row
 # runs both sides with it.
-HUGEPAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+HUGEPAGES_ENV = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def run_llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int,
                     n_ubatch: int = 512, env: Optional[Dict[str, str]] = None) -> float:
-    """tokens/s of one llama-bench repetition (``env``: extra environment variables)."""
+    """tokens/s of one llama-bench repetition (``env``: its environment, None: this one's)."""
     command = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
                "-r", "1", "-ub", str(n_ubatch), "-o", "json"]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     rows = json.loads(result.stdout)
     return float(rows[0]["avg_ts"])
 
@@ -131,7 +132,7 @@ def sample_in_fresh_process(model: Path, threads: int, kind: str, env: Optional[
     """
     command = [sys.executable, str(Path(__file__).resolve()), "--model", str(model), "--threads", str(threads),
                "--sample", kind]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return float(result.stdout.split()[-1])
 
 
