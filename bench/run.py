@@ -158,9 +158,12 @@ def run_sample(model: Path, threads: int, kind: str) -> float:
 
 def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Callable[[], float],
                 results: Dict[str, Any]) -> None:
+    """``repeats`` pairs (rounded up to even), A B, B A, A B, ...: each side runs first equally
+    often. Back-to-back runs on this VM drift by a percent or two with their place in a
+    sequence, so an odd count would tilt the ratio toward the side that led more often."""
     native_values: List[float] = []
     our_values: List[float] = []
-    for index in range(repeats):  # A B, B A, A B, ...: neither side always runs first
+    for index in range(repeats + repeats % 2):
         if index % 2:
             our_values.append(ours())
             native_values.append(native())
@@ -406,8 +409,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="GGUF (default: the default model)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--long-repeats", type=int, default=9,
+    parser.add_argument("--repeats", type=int, default=16)
+    parser.add_argument("--long-repeats", type=int, default=10,
                         help="repeats of the pp4096 row, whose samples spread the most (see sample_in_fresh_process)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
     parser.add_argument("--sample", help=argparse.SUPPRESS)  # child of sample_in_fresh_process

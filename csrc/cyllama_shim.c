@@ -128,6 +128,22 @@ int32_t cyl_argmax(const float *values, int32_t count) {
     return 0; /* every value NaN (or all -inf: the first one) */
 }
 
+int32_t cyl_decode_token(struct llama_context *ctx, struct llama_batch *batch, llama_token token,
+                         llama_pos pos, int32_t n_vocab, int32_t *argmax_out) {
+    batch->token[0] = token;
+    batch->pos[0] = pos;
+    batch->n_seq_id[0] = 1;
+    batch->seq_id[0][0] = 0;
+    batch->logits[0] = 1;
+    batch->n_tokens = 1;
+    int32_t code = llama_decode(ctx, *batch);
+    if (code == 0 && argmax_out != NULL) {
+        const float *logits = llama_get_logits_ith(ctx, -1);
+        *argmax_out = logits ? cyl_argmax(logits, n_vocab) : -1;
+    }
+    return code;
+}
+
 /* ---- log sink --------------------------------------------------------- */
 
 static void cyl_py_log(int level, const char *text); /* extern "Python" */

@@ -6,7 +6,8 @@
  *  - an opt-in SIGINT hook that bumps a process-wide counter the abort
  *    callback watches, then chains to the previous handler, so Ctrl-C stops a
  *    running decode although Python only runs signal handlers between bytecodes;
- *  - an argmax over logits, the pure-greedy sampling fast path;
+ *  - an argmax over logits, the pure-greedy sampling fast path, and the generation
+ *    loop's step (one token decoded, the next one picked) in a single call;
  *  - a log sink that filters llama.cpp's log lines in C and forwards only the
  *    wanted ones to Python.
  *
@@ -44,6 +45,13 @@ unsigned long cyl_sigint_count(void);
  * building its n_vocab-entry candidate array every token (~60 us -> ~5 us at 49k tokens).
  * NaNs are never chosen unless every value is NaN (then 0), as with the greedy sampler. */
 int32_t cyl_argmax(const float *values, int32_t count);
+
+/* The generation loop's step: decode `token` at `pos` of sequence 0 (with logits) through
+ * the one-token `batch`, and when `argmax_out` is not NULL store there the first largest
+ * of the new logits (-1 if llama.cpp has none). Returns llama_decode's code. One C call a
+ * token instead of ~8: right after a decode the CPU caches hold weights, not Python. */
+int32_t cyl_decode_token(struct llama_context *ctx, struct llama_batch *batch, llama_token token,
+                         llama_pos pos, int32_t n_vocab, int32_t *argmax_out);
 
 /* Log sink for llama_log_set: lines at or above the threshold go to Python. */
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data);

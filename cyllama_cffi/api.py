@@ -27,6 +27,7 @@ import time
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
+from ._ffi import ffi
 from ._logging import set_verbose
 from .batch import LlamaBatch
 from .config import GenerationConfig
@@ -363,6 +364,8 @@ class _Stream:
         self.stats = GenerationStats(prompt_tokens=len(prompt_tokens))
         self._t_start = time.perf_counter()
         self._t_prompt_done = 0.0
+        self._steps: Optional[Iterator[None]] = None
+        self._undecoded: Optional[int] = None  # sampled and emitted, its decode failed
 
     @property
     def _live(self) -> bool:
@@ -414,45 +417,85 @@ class _Stream:
             self._started = True
             if not self._prefill():
                 return
+        if self._steps is None:
+            self._steps = self._token_loop()
+        try:
+            next(self._steps, None)
+        except BaseException:
+            self._steps = None  # a retry starts a new loop from the state as it is now
+            raise
+
+    def _token_loop(self) -> Iterator[None]:
+        """Sample and decode, pausing whenever there is text to emit; every exit finishes.
+
+        A generator, so that what each token needs is looked up once per generation and
+        stays in local variables between tokens. The Python part of a token runs right after
+        a decode has streamed the weights through the CPU caches, where each attribute lookup
+        and method call is a cache miss: measured in the default model's greedy stream, ~60 us
+        a token (1 % of it) with a method per step, against ~15 us for the bare C calls.
+        """
         llm = self._llm
         ctx = self._ctx
         vocab = llm.vocab
-        cancel_event = llm._cancel_event
+        is_cancelled = llm._cancel_event.is_set
         check_cancel = llm._cancel_machinery
         batch = self._batch
+        sample = self._sampler.sample
+        # A greedy-only chain picks the next token in the decode's own C call (the chain's
+        # accept() is a no-op for it); other chains sample after the decode.
+        argmax_out = ffi.new("int32_t *") if self._sampler._greedy_only else None
+        chosen = -1  # the next token when the decode already picked it
+        eog = vocab._eog  # is_eog() and piece_bytes() memoise here; their dicts, inlined
+        pieces = vocab._pieces
+        assembler = self._assembler
+        feed = assembler.feed
+        pending = self._pending
+        generated = self.generated
+        kv_tokens = llm._kv_tokens
+        decode_token = ctx.decode_token
         max_tokens = self._config.max_tokens
         # llama.cpp may round the context up; an explicit n_ctx is the user's limit.
         n_ctx = min(ctx.n_ctx, self._config.n_ctx or ctx.n_ctx)
-        while not self._pending and not self._done:
-            if check_cancel and (cancel_event.is_set() or self._closing):
-                self._finish("cancelled")
-                return
-            if len(self.generated) >= max_tokens:
-                self._finish("length")
-                return
-            token = self._sampler.sample(ctx)
-            if vocab.is_eog(token):
-                self._finish("stop")
-                return
-            self.generated.append(token)
-            text = self._assembler.feed(vocab.piece_bytes(token))
-            if text:
-                self._pending.append(text)
-            if self._assembler.stopped:
-                self._finish("stop")
-                return
-            pos = len(llm._kv_tokens)
-            if pos >= n_ctx or len(self.generated) >= max_tokens:
-                self._finish("length")
-                return
-            batch.set_single(token, pos)
+        while True:
+            token = self._undecoded
+            if token is None:
+                if check_cancel and (is_cancelled() or self._closing):
+                    self._finish("cancelled")
+                    return
+                if len(generated) >= max_tokens:
+                    self._finish("length")
+                    return
+                token = chosen if chosen >= 0 else sample(ctx)
+                is_end = eog.get(token)
+                if is_end if is_end is not None else vocab.is_eog(token):
+                    self._finish("stop")
+                    return
+                generated.append(token)
+                self._undecoded = token  # emitted, not yet in the KV cache
+                piece = pieces.get(token)
+                text = feed(piece if piece is not None else vocab.piece_bytes(token))
+                if text:
+                    pending.append(text)
+                if assembler.stopped:
+                    self._finish("stop")
+                    return
+                if len(kv_tokens) >= n_ctx or len(generated) >= max_tokens:
+                    self._finish("length")
+                    return
             try:
-                ctx.decode(batch)
+                decode_token(batch, token, len(kv_tokens), argmax_out)
             except DecodeAborted as aborted:
-                del llm._kv_tokens[aborted.n_past:]
+                del kv_tokens[aborted.n_past:]
                 self._finish("cancelled")
                 return
-            llm._kv_tokens.append(token)
+            # Any other error leaves _undecoded set: the next step decodes it again
+            # (e.g. after a ContextBusyError), so no token is sampled or emitted twice.
+            self._undecoded = None
+            kv_tokens.append(token)
+            if argmax_out is not None:
+                chosen = argmax_out[0]
+            if pending:
+                yield
 
     def _prefill(self) -> bool:
         """Feed the prompt in n_ubatch chunks, checking for cancellation between chunks."""

@@ -229,10 +229,32 @@ class LlamaContext(CHandle):
             if min(tokens) < 0 or max(tokens) >= self._n_vocab:
                 bad = next(t for t in tokens if not 0 <= t < self._n_vocab)
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self._n_vocab})")
+        self._run_decode(batch, holder, count)
+
+    def decode_token(self, batch: LlamaBatch, token: int, pos: int, argmax_out: Any = None) -> None:
+        """Decode one token of sequence 0 at ``pos``, with logits: the generation loop's step.
+
+        ``batch`` is overwritten with that one token. With ``argmax_out`` (an ``int32_t *``
+        from ``ffi.new``), the first largest of the new logits is stored there in the same C
+        call: the greedy choice of the next token (-1 if llama.cpp has none). The shim does
+        it all in one call because the Python part of a token runs right after a decode has
+        streamed the weights through the CPU caches, where each extra call is a cache miss.
+        Raises as :meth:`decode` does.
+        """
+        if not 0 <= token < self._n_vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
+        self._run_decode(batch, batch.ptr, 1, token, pos, ffi.NULL if argmax_out is None else argmax_out)
+
+    def _run_decode(self, batch: LlamaBatch, holder: Any, count: int, token: Optional[int] = None,
+                    pos: int = 0, argmax_out: Any = None) -> None:
+        """Decode a checked batch of ``count`` tokens under the busy lock; ``token``: through the shim."""
         pointer = self._acquire()
         try:
             self._logit_rows = ()
-            code = lib.llama_decode(pointer, holder[0])
+            if token is None:
+                code = lib.llama_decode(pointer, holder[0])
+            else:
+                code = lib.cyl_decode_token(pointer, holder, token, pos, self._n_vocab, argmax_out)
             if code == 0:
                 if count == 1:
                     self._logit_rows = (0,) if holder.logits[0] else ()

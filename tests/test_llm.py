@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 from cyllama_cffi import LLM, GenerationConfig, GenerationStats, Response
+from cyllama_cffi.errors import ContextBusyError
 
 PROMPT = "The capital of France is"
 
@@ -116,6 +118,32 @@ def test_eog_ends_with_stop(llm):
 
 def test_stream_equals_non_stream(llm):
     assert "".join(llm(PROMPT, stream=True)) == llm(PROMPT).text
+
+
+def test_a_busy_context_mid_stream_repeats_and_loses_nothing(llm):
+    """A ContextBusyError while a stream decodes (another thread holds its context) reaches the
+    caller; the next next() decodes the same token again, so the text ends up exactly as an
+    undisturbed generation's, with no token sampled or emitted twice."""
+    config = llm.config.replace(max_tokens=24)
+    expected = llm(PROMPT, config=config)
+    stream = llm.stream(PROMPT, config=config)
+    chunks = [next(stream) for _ in range(3)]
+    busy = stream._ctx._busy
+    busy.acquire()  # what a decode of another thread on this context holds
+    try:
+        with pytest.raises(ContextBusyError):
+            for _ in range(30):
+                chunks.append(next(stream))
+    finally:
+        busy.release()
+    rest: list = []
+    drain = threading.Thread(target=lambda: rest.extend(stream), daemon=True)
+    drain.start()
+    drain.join(timeout=60)
+    assert not drain.is_alive(), "the stream did not finish after the busy error"
+    assert "".join(chunks + rest) == expected.text
+    assert stream.stats.generated_tokens == expected.stats.generated_tokens
+    assert stream.finish_reason == expected.finish_reason
 
 
 def test_on_token_sees_every_chunk(llm):

@@ -75,6 +75,32 @@ def test_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model):
         assert greedy_continuation(model, prompt, 48, fast()) == greedy_continuation(model, prompt, 48, slow())
 
 
+def test_decode_token_picks_the_greedy_next_token_in_the_same_call(model):
+    """decode_token with an argmax output decodes and chooses in one C call: the same token as
+    llama.cpp's greedy sampler (through llama_sampler_sample) and numpy on the logits."""
+    from cyllama_cffi._ffi import ffi
+
+    tokens = model.vocab.tokenize(PROMPT)
+    with LlamaContext(model, n_ctx=256) as ctx, LlamaBatch(ctx.n_batch) as batch, \
+            LlamaSampler().add_top_k(0).add_greedy() as reference:
+        batch.set_tokens(tokens, 0)
+        ctx.decode(batch)
+        token = reference.sample(ctx)
+        chosen = ffi.new("int32_t *")
+        for pos in range(len(tokens), len(tokens) + 24):
+            chosen[0] = -7
+            ctx.decode_token(batch, token, pos, chosen)
+            expected = reference.sample(ctx)
+            assert chosen[0] == expected == int(np.argmax(ctx.get_logits_ith(-1)))
+            token = expected
+        ctx.decode_token(batch, token, len(tokens) + 24)  # without the output: logits for any sampler
+        assert ctx.has_logits(-1) and reference.sample(ctx) == int(np.argmax(ctx.get_logits_ith(-1)))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            ctx.decode_token(batch, model.vocab.n_tokens, 0)
+    with pytest.raises(ClosedError):
+        ctx.decode_token(batch, token, 0)
+
+
 @pytest.mark.parametrize("values, expected", [
     ([1.0, 3.0, 3.0, 2.0], 1),                      # ties: the lowest id, like llama.cpp's greedy
     ([float("nan"), 1.0, 5.0, 5.0], 2),             # NaN is never chosen
