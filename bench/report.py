@@ -18,12 +18,14 @@ def main() -> int:
     print(f"Command: `{data['command']}`\n")
     throughput = [k for k in ("decode tg128", "prefill pp512", "prefill pp4096", "prefill pp4096 hugepages") if k in data]
     if throughput:
-        print("| row | native llama-bench (median, min) | cyllama_cffi (median, min) | ratio of medians |")
-        print("|---|---|---|---|")
+        print("| row | native llama-bench (median, min) | cyllama_cffi (median, min) | ratio of medians "
+              "| median paired ratio |")
+        print("|---|---|---|---|---|")
         for key in throughput:
             row = data[key]
             print(f"| {key} | {row['native']['median']:.1f} ({row['native']['min']:.1f}) tok/s | "
-                  f"{row['binding']['median']:.1f} ({row['binding']['min']:.1f}) tok/s | {row['ratio_median']:.3f} |")
+                  f"{row['binding']['median']:.1f} ({row['binding']['min']:.1f}) tok/s | {row['ratio_median']:.3f} "
+                  f"| {row.get('ratio_paired_median', float('nan')):.3f} |")
         print()
     latencies = [k for k in ("cancel between tokens", "cancel during decoding", "cancel mid-prefill", "SIGINT mid-prefill",
                              "import (fresh process)", "model load") if k in data]

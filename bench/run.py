@@ -56,7 +56,8 @@ def percentile(values: List[float], q: float) -> float:
 
 def summary(values: List[float]) -> Dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values),
-            "p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values)}
+            "p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values),
+            "values": list(values)}  # in run order: the spread and the drift stay visible
 
 
 # -- native llama-bench ---------------------------------------------------------------
@@ -170,12 +171,16 @@ def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Call
         else:
             native_values.append(native())
             our_values.append(ours())
+    # Paired: each sample against its neighbour of the other side, so drift of the machine
+    # over the run (several percent on this VM) cancels out of every ratio.
+    paired = [ours / native for ours, native in zip(our_values, native_values)]
     row = {"native": summary(native_values), "binding": summary(our_values),
-           "ratio_median": statistics.median(our_values) / statistics.median(native_values)}
+           "ratio_median": statistics.median(our_values) / statistics.median(native_values),
+           "ratio_paired_median": statistics.median(paired)}
     results[name] = row
     print(f"{name:<28} native {row['native']['median']:8.1f} tok/s (min {row['native']['min']:.1f})   "
           f"binding {row['binding']['median']:8.1f} tok/s (min {row['binding']['min']:.1f})   "
-          f"ratio {row['ratio_median']:.3f}", flush=True)
+          f"ratio {row['ratio_median']:.3f}  paired {row['ratio_paired_median']:.3f}", flush=True)
 
 
 # -- cancellation latency ----------------------------------------------------------------------

@@ -384,9 +384,16 @@ class _Stream:
                     self._finish("cancelled", flush=not self._superseded)
                     continue
                 try:
-                    self._step()
+                    if self._steps is None:
+                        self._start_steps()
+                    else:
+                        next(self._steps, None)  # runs the loop to its next pause
                 except ClosedError:  # closed under us (LLM.close() elsewhere, interpreter exit)
+                    self._steps = None
                     self._finish("cancelled")
+                except BaseException:
+                    self._steps = None  # a retry starts a new loop from the state as it is now
+                    raise
             chunk = self._pending.pop(0)
         if self._on_token is not None:
             self._on_token(chunk)
@@ -411,19 +418,13 @@ class _Stream:
         self.close()
 
     # -- the generation loop ------------------------------------------------------------------
-    def _step(self) -> None:
-        """Advance until there is text to emit or the generation is over."""
+    def _start_steps(self) -> None:
+        """Prefill (once), then make the token loop that ``__next__`` resumes."""
         if not self._started:
             self._started = True
             if not self._prefill():
                 return
-        if self._steps is None:
-            self._steps = self._token_loop()
-        try:
-            next(self._steps, None)
-        except BaseException:
-            self._steps = None  # a retry starts a new loop from the state as it is now
-            raise
+        self._steps = self._token_loop()
 
     def _token_loop(self) -> Iterator[None]:
         """Sample and decode, pausing whenever there is text to emit; every exit finishes.

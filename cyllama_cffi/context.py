@@ -243,25 +243,30 @@ class LlamaContext(CHandle):
         """
         if not 0 <= token < self._n_vocab:
             raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
-        self._run_decode(batch, batch.ptr, 1, token, pos, ffi.NULL if argmax_out is None else argmax_out)
-
-    def _run_decode(self, batch: LlamaBatch, holder: Any, count: int, token: Optional[int] = None,
-                    pos: int = 0, argmax_out: Any = None) -> None:
-        """Decode a checked batch of ``count`` tokens under the busy lock; ``token``: through the shim."""
+        holder = batch.ptr
         pointer = self._acquire()
         try:
             self._logit_rows = ()
-            if token is None:
-                code = lib.llama_decode(pointer, holder[0])
-            else:
-                code = lib.cyl_decode_token(pointer, holder, token, pos, self._n_vocab, argmax_out)
+            code = lib.cyl_decode_token(pointer, holder, token, pos, self._n_vocab,
+                                        ffi.NULL if argmax_out is None else argmax_out)
             if code == 0:
-                if count == 1:
-                    self._logit_rows = (0,) if holder.logits[0] else ()
-                else:
-                    self._logit_rows = frozenset(batch.logit_rows())
+                self._logit_rows = (0,)
                 return
             n_past = self._trim_locked(0)  # keep only what was really committed
+        finally:
+            self._busy.release()
+        self._raise_for(code, n_past)
+
+    def _run_decode(self, batch: LlamaBatch, holder: Any, count: int) -> None:
+        """``llama_decode`` of a checked batch of ``count`` tokens, under the busy lock."""
+        pointer = self._acquire()
+        try:
+            self._logit_rows = ()
+            code = lib.llama_decode(pointer, holder[0])
+            if code == 0:
+                self._logit_rows = (0,) if count == 1 and holder.logits[0] else frozenset(batch.logit_rows())
+                return
+            n_past = self._trim_locked(0)
         finally:
             self._busy.release()
         self._raise_for(code, n_past)
