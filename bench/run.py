@@ -6,7 +6,8 @@
 
 Native ``llama-bench`` (and this binding) run interleaved in one process tree
 (A B, B A, A B, ...), so both see the same machine state; each row reports the
-min and median of the repeats and the ratio of medians. In the decode and prefill
+min and median of the repeats, the ratio of medians and the median of the paired
+ratios (each sample against its neighbour of the other side). In the decode and prefill
 rows every sample of either side is a fresh process with a warm-up run, as a
 llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
