@@ -229,7 +229,20 @@ class LlamaContext(CHandle):
             if min(tokens) < 0 or max(tokens) >= self._n_vocab:
                 bad = next(t for t in tokens if not 0 <= t < self._n_vocab)
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self._n_vocab})")
-        self._run_decode(batch, holder, count)
+        pointer = self._acquire()
+        try:
+            self._logit_rows = ()
+            code = lib.llama_decode(pointer, holder[0])
+            if code == 0:
+                if count == 1:
+                    self._logit_rows = (0,) if holder.logits[0] else ()
+                else:
+                    self._logit_rows = frozenset(batch.logit_rows())
+                return
+            n_past = self._trim_locked(0)  # keep only what was really committed
+        finally:
+            self._busy.release()
+        self._raise_for(code, n_past)
 
     def decode_token(self, batch: LlamaBatch, token: int, pos: int, argmax_out: Any = None) -> None:
         """Decode one token of sequence 0 at ``pos``, with logits: the generation loop's step.
@@ -253,20 +266,6 @@ class LlamaContext(CHandle):
                 self._logit_rows = (0,)
                 return
             n_past = self._trim_locked(0)  # keep only what was really committed
-        finally:
-            self._busy.release()
-        self._raise_for(code, n_past)
-
-    def _run_decode(self, batch: LlamaBatch, holder: Any, count: int) -> None:
-        """``llama_decode`` of a checked batch of ``count`` tokens, under the busy lock."""
-        pointer = self._acquire()
-        try:
-            self._logit_rows = ()
-            code = lib.llama_decode(pointer, holder[0])
-            if code == 0:
-                self._logit_rows = (0,) if count == 1 and holder.logits[0] else frozenset(batch.logit_rows())
-                return
-            n_past = self._trim_locked(0)
         finally:
             self._busy.release()
         self._raise_for(code, n_past)
