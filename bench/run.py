@@ -174,7 +174,7 @@ def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Call
             our_values.append(ours())
     # Paired: each sample against its neighbour of the other side, so drift of the machine
     # over the run (several percent on this VM) cancels out of every ratio.
-    paired = [ours / native for ours, native in zip(our_values, native_values)]
+    paired = [mine / theirs for mine, theirs in zip(our_values, native_values)]
     row = {"native": summary(native_values), "binding": summary(our_values),
            "ratio_median": statistics.median(our_values) / statistics.median(native_values),
            "ratio_paired_median": statistics.median(paired)}

@@ -365,7 +365,7 @@ class _Stream:
         self._t_start = time.perf_counter()
         self._t_prompt_done = 0.0
         self._steps: Optional[Iterator[None]] = None
-        self._undecoded: Optional[int] = None  # sampled and emitted, its decode failed
+        self._undecoded: Optional[int] = None  # sampled and emitted, its decode raised
 
     @property
     def _live(self) -> bool:
@@ -388,12 +388,11 @@ class _Stream:
                         self._start_steps()
                     else:
                         next(self._steps, None)  # runs the loop to its next pause
-                except ClosedError:  # closed under us (LLM.close() elsewhere, interpreter exit)
-                    self._steps = None
-                    self._finish("cancelled")
-                except BaseException:
+                except BaseException as error:
                     self._steps = None  # a retry starts a new loop from the state as it is now
-                    raise
+                    if not isinstance(error, ClosedError):
+                        raise
+                    self._finish("cancelled")  # closed under us (LLM.close() elsewhere, interpreter exit)
             chunk = self._pending.pop(0)
         if self._on_token is not None:
             self._on_token(chunk)
@@ -457,8 +456,9 @@ class _Stream:
         max_tokens = self._config.max_tokens
         # llama.cpp may round the context up; an explicit n_ctx is the user's limit.
         n_ctx = min(ctx.n_ctx, self._config.n_ctx or ctx.n_ctx)
+        token = self._undecoded  # emitted by a loop whose decode raised: decoded first
+        self._undecoded = None
         while True:
-            token = self._undecoded
             if token is None:
                 if check_cancel and (is_cancelled() or self._closing):
                     self._finish("cancelled")
@@ -468,11 +468,12 @@ class _Stream:
                     return
                 token = chosen if chosen >= 0 else sample(ctx)
                 is_end = eog.get(token)
-                if is_end if is_end is not None else vocab.is_eog(token):
+                if is_end is None:
+                    is_end = vocab.is_eog(token)  # first time this token is seen
+                if is_end:
                     self._finish("stop")
                     return
                 generated.append(token)
-                self._undecoded = token  # emitted, not yet in the KV cache
                 piece = pieces.get(token)
                 text = feed(piece if piece is not None else vocab.piece_bytes(token))
                 if text:
@@ -489,12 +490,15 @@ class _Stream:
                 del kv_tokens[aborted.n_past:]
                 self._finish("cancelled")
                 return
-            # Any other error leaves _undecoded set: the next step decodes it again
-            # (e.g. after a ContextBusyError), so no token is sampled or emitted twice.
-            self._undecoded = None
+            except BaseException:
+                # The token is emitted but not in the KV cache: the next step decodes it again
+                # (e.g. after a ContextBusyError), so no token is sampled or emitted twice.
+                self._undecoded = token
+                raise
             kv_tokens.append(token)
             if argmax_out is not None:
                 chosen = argmax_out[0]
+            token = None
             if pending:
                 yield
 

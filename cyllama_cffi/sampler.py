@@ -95,8 +95,7 @@ class LlamaSampler(CHandle):
     # -- use ------------------------------------------------------------------------
     def sample(self, context: "LlamaContext", index: int = -1) -> int:
         """Sample (and accept) a token from row ``index`` of the last decode's logits."""
-        rows = context._logit_rows  # has_logits(), inlined: this runs once per token
-        if not (rows if index == -1 else index in rows):
+        if not context.has_logits(index):
             raise RuntimeError(f"no logits to sample at batch index {index}: "
                                "decode a batch with logits first (the last decode failed or had none)")
         if not self.stages:
