@@ -420,7 +420,8 @@ def main() -> int:
                         help="repeats of the pp4096 row, whose samples spread the most (see sample_in_fresh_process)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
     parser.add_argument("--sample", help=argparse.SUPPRESS)  # child of sample_in_fresh_process
-    parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch")
+    parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch",
+                        help="comma-separated rows; prefill is pp512,pp4096,pp4096-hugepages, each also on its own")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
 
@@ -431,6 +432,8 @@ def main() -> int:
         print(run_sample(model, args.threads, args.sample))
         return 0
     parts = set(args.only.split(","))
+    if "prefill" in parts:
+        parts |= {"pp512", "pp4096", "pp4096-hugepages"}
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         args.long_repeats = 2
@@ -439,16 +442,17 @@ def main() -> int:
     print(f"machine: {results['machine']}  threads: {args.threads}  model: {model.name}", flush=True)
 
     llm = make_llm(model, args.threads)
-    if parts & {"decode", "prefill", "ubatch"}:
+    if parts & {"decode", "pp512", "pp4096", "pp4096-hugepages", "ubatch"}:
         binary = native_bench_binary()
     if "decode" in parts:
         interleaved("decode tg128", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
                     lambda: sample_in_fresh_process(model, args.threads, "decode"), results)
-    if "prefill" in parts:
-        for n_prompt, row_repeats in ((512, repeats), (4096, args.long_repeats)):
+    for n_prompt, row_repeats in ((512, repeats), (4096, args.long_repeats)):
+        if f"pp{n_prompt}" in parts:
             interleaved(f"prefill pp{n_prompt}", row_repeats,
                         lambda: run_llama_bench(binary, model, args.threads, n_prompt, 0),
                         lambda: sample_in_fresh_process(model, args.threads, f"prefill{n_prompt}"), results)
+    if "pp4096-hugepages" in parts:
         # Page placement decides much of a long prefill's speed on a VM (docs/performance.md);
         # huge pages on both sides take most of that lottery out of the comparison.
         interleaved("prefill pp4096 hugepages", args.long_repeats,

@@ -364,8 +364,8 @@ class _Stream:
         self.stats = GenerationStats(prompt_tokens=len(prompt_tokens))
         self._t_start = time.perf_counter()
         self._t_prompt_done = 0.0
+        self._prefilled = False
         self._steps: Optional[Iterator[None]] = None
-        self._undecoded: Optional[int] = None  # sampled and emitted, its decode raised
 
     @property
     def _live(self) -> bool:
@@ -418,11 +418,18 @@ class _Stream:
 
     # -- the generation loop ------------------------------------------------------------------
     def _start_steps(self) -> None:
-        """Prefill (once), then make the token loop that ``__next__`` resumes."""
-        if not self._started:
-            self._started = True
+        """Prefill (once), then make the token loop that ``__next__`` resumes.
+
+        Also the way back after an exception escaped a step (a ``ContextBusyError``, a
+        ``KeyboardInterrupt`` raised when a decode had returned but before its tokens were put on
+        record): the KV cache is cut back to what ``LLM._kv_tokens`` records, and the prefill or
+        the token loop carries on from there, so nothing is decoded, sampled or emitted twice.
+        """
+        if not self._prefilled:
             if not self._prefill():
                 return
+        else:
+            self._ctx.memory_seq_rm(0, len(self._llm._kv_tokens), -1)
         self._steps = self._token_loop()
 
     def _token_loop(self) -> Iterator[None]:
@@ -456,8 +463,10 @@ class _Stream:
         max_tokens = self._config.max_tokens
         # llama.cpp may round the context up; an explicit n_ctx is the user's limit.
         n_ctx = min(ctx.n_ctx, self._config.n_ctx or ctx.n_ctx)
-        token = self._undecoded  # emitted by a loop whose decode raised: decoded first
-        self._undecoded = None
+        # kv_tokens is the prompt plus every generated token decoded so far; a generated token
+        # beyond it was emitted by a loop an exception ended before its decode: decoded first.
+        undecoded = len(generated) - (len(kv_tokens) - len(self._prompt))
+        token = generated[-1] if undecoded > 0 else None
         while True:
             if token is None:
                 if check_cancel and (is_cancelled() or self._closing):
@@ -484,34 +493,41 @@ class _Stream:
                 if len(kv_tokens) >= n_ctx or len(generated) >= max_tokens:
                     self._finish("length")
                     return
+                if pending:
+                    # The text goes out before its token's decode: the first chunk follows the
+                    # prefill at once, and a consumer that stops here pays for no extra decode.
+                    yield
+                    if check_cancel and (is_cancelled() or self._closing):
+                        self._finish("cancelled")
+                        return
             try:
                 decode_token(batch, token, len(kv_tokens), argmax_out)
             except DecodeAborted as aborted:
                 del kv_tokens[aborted.n_past:]
                 self._finish("cancelled")
                 return
-            except BaseException:
-                # The token is emitted but not in the KV cache: the next step decodes it again
-                # (e.g. after a ContextBusyError), so no token is sampled or emitted twice.
-                self._undecoded = token
-                raise
             kv_tokens.append(token)
             if argmax_out is not None:
                 chosen = argmax_out[0]
             token = None
-            if pending:
-                yield
 
     def _prefill(self) -> bool:
-        """Feed the prompt in n_ubatch chunks, checking for cancellation between chunks."""
+        """Feed the prompt in n_ubatch chunks, checking for cancellation between chunks.
+
+        After an exception (see ``_start_steps``) it resumes at the first chunk not on record.
+        """
         llm = self._llm
         ctx = self._ctx
         batch = self._batch
-        ctx.memory_clear()
-        llm._kv_tokens = []
+        if self._started:
+            ctx.memory_seq_rm(0, len(llm._kv_tokens), -1)
+        else:
+            ctx.memory_clear()
+            llm._kv_tokens = []
+            self._started = True
         tokens = self._prompt
         chunk = max(1, min(ctx.n_ubatch, ctx.n_batch))
-        for start in range(0, len(tokens), chunk):
+        for start in range(len(llm._kv_tokens), len(tokens), chunk):
             if llm._cancel_event.is_set():
                 self._finish("cancelled")
                 return False
@@ -525,6 +541,7 @@ class _Stream:
                 return False
             llm._kv_tokens.extend(piece)
         self._t_prompt_done = time.perf_counter()
+        self._prefilled = True
         return True
 
     def _finish(self, reason: str, flush: bool = True) -> None:

@@ -146,6 +146,90 @@ def test_a_busy_context_mid_stream_repeats_and_loses_nothing(llm):
     assert stream.finish_reason == expected.finish_reason
 
 
+def _interrupt_call(ctx, method: str, call_number: int) -> list:
+    """Make the ``call_number``-th call of ``ctx.<method>`` raise KeyboardInterrupt after the real
+    call returned: what Ctrl-C does with no SIGINT hook installed (Python runs its handler once
+    the C call is back), before the stream has put that decode on record. Returns the call log;
+    ``del ctx.<method>`` restores the method."""
+    real = getattr(ctx, method)
+    calls: list = []
+
+    def interrupted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(args)
+        if len(calls) == call_number:
+            raise KeyboardInterrupt
+        return result
+
+    setattr(ctx, method, interrupted)
+    return calls
+
+
+def test_the_first_chunk_arrives_before_its_token_is_decoded(llm):
+    """A token's text goes out as soon as the token is sampled (the first comes from the
+    prompt's logits), so the first chunk costs the prefill and no decode: the KV cache then
+    holds the prompt alone."""
+    stream = llm.stream(PROMPT)
+    try:
+        assert next(stream)
+        assert stream._ctx.memory_seq_pos_max(0) == stream.stats.prompt_tokens - 1
+        assert next(stream)
+        assert stream._ctx.memory_seq_pos_max(0) == stream.stats.prompt_tokens
+    finally:
+        stream.close()
+
+
+def test_an_interrupted_prefill_resumes_where_its_record_ends(llm):
+    """A KeyboardInterrupt after a prefill chunk's decode returned reaches the caller; the next
+    next() cuts that unrecorded chunk from the KV cache, decodes it again and carries on with
+    the rest of the prompt (neither restarting the prefill nor skipping it)."""
+    prompt = "Write a short story about a lighthouse keeper and a storm at sea."
+    config = llm.config.replace(max_tokens=12, n_ubatch=4)
+    expected = llm(prompt, config=config)
+    n_chunks = -(-expected.stats.prompt_tokens // 4)
+    assert n_chunks >= 3
+    stream = llm.stream(prompt, config=config)
+    ctx = stream._ctx
+    calls = _interrupt_call(ctx, "decode", 2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(stream)
+        text = "".join(stream)
+    finally:
+        del ctx.decode
+    assert len(calls) == n_chunks + 1  # every chunk once, the interrupted one twice
+    assert text == expected.text
+    assert stream.stats.generated_tokens == expected.stats.generated_tokens
+
+
+def test_an_interrupt_after_a_token_decode_loses_nothing(llm):
+    """A KeyboardInterrupt after a token's decode returned, before the stream recorded it: the
+    next next() drops that token from the KV cache and decodes it again, so the text is an
+    undisturbed generation's and nothing is sampled or emitted twice."""
+    config = llm.config.replace(max_tokens=24)
+    undisturbed = llm.stream(PROMPT, config=config)
+    baseline = _interrupt_call(undisturbed._ctx, "decode_token", 0)
+    try:
+        expected = "".join(undisturbed)
+    finally:
+        del undisturbed._ctx.decode_token
+    stream = llm.stream(PROMPT, config=config)
+    ctx = stream._ctx
+    calls = _interrupt_call(ctx, "decode_token", 5)
+    chunks: list = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for chunk in stream:
+                chunks.append(chunk)
+        chunks.extend(stream)
+    finally:
+        del ctx.decode_token
+    assert "".join(chunks) == expected
+    assert stream.stats.generated_tokens == undisturbed.stats.generated_tokens
+    assert len(calls) == len(baseline) + 1
+    assert [args[1:3] for args in calls[5:]] == [args[1:3] for args in baseline[4:]]
+
+
 def test_on_token_sees_every_chunk(llm):
     seen = []
     response = llm(PROMPT, on_token=seen.append)
