@@ -13,8 +13,7 @@ llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
   decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
   prefill   512- and 4096-token prompts through ``LLM``        vs  pp512 / pp4096, and pp4096
-            again with glibc's huge pages on both sides (pp4096 samples beside a random
-            ballast of held memory, see ``ballast``)
+            again with glibc's huge pages on both sides
   cancel    between tokens (stream suspended), at a random moment of decoding, mid-prefill
             (cancel() from another thread), SIGINT mid-prefill (real child process)
   machinery decode with the abort callback + per-token check vs without (bench-only switch)
@@ -28,7 +27,6 @@ Output: a table on stdout and a JSON file (``bench/results/latest.json`` by defa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -40,7 +38,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -160,79 +158,26 @@ def run_sample(model: Path, threads: int, kind: str) -> float:
     return value
 
 
-# -- ballast: which free pages a sample gets ----------------------------------------------------
-
-BALLAST_CHILD = r"""
-import mmap, sys
-size = int(sys.argv[1])
-block = mmap.mmap(-1, max(size, mmap.PAGESIZE))
-for offset in range(0, size, mmap.PAGESIZE):
-    block[offset] = 1
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
-@contextlib.contextmanager
-def ballast(size: int) -> Iterator[None]:
-    """Hold ``size`` bytes of touched anonymous memory in an idle child process meanwhile.
-
-    Why: on the VM of docs/performance.md a long prefill runs at one of two speeds (~315 or
-    ~350 tok/s) depending on the physical pages its KV cache and compute buffers get, and in
-    some rows every sample of one side sat in one mode for the whole row. The samples alternate
-    and each frees everything on exit, so the same free pages circulate and each side, with
-    its own fixed allocation order, can keep drawing the same part of them. Taking a random
-    amount of them away first, for either side alike, makes each sample draw from a different
-    part: the mode becomes a per-sample draw, not a property of the side.
-    """
-    if size <= 0:
-        yield
-        return
-    child = subprocess.Popen([sys.executable, "-c", BALLAST_CHILD, str(size)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        if child.stdout is None or child.stdout.readline().strip() != "ready":
-            raise RuntimeError("the ballast process did not start")
-        yield
-    finally:
-        if child.stdin is not None:
-            child.stdin.close()
-        child.wait()
-
-
 def interleaved(name: str, repeats: int, native: Callable[[], float], ours: Callable[[], float],
-                results: Dict[str, Any], ballast_max: int = 0) -> None:
+                results: Dict[str, Any]) -> None:
     """``repeats`` pairs (rounded up to even), A B, B A, A B, ...: each side runs first equally
     often. Back-to-back runs on this VM drift by a percent or two with their place in a
-    sequence, so an odd count would tilt the ratio toward the side that led more often.
-    ``ballast_max`` > 0: every sample runs beside a ballast of 0..ballast_max bytes (see
-    :func:`ballast`), sizes from a fixed seed and kept in the JSON."""
+    sequence, so an odd count would tilt the ratio toward the side that led more often."""
     native_values: List[float] = []
     our_values: List[float] = []
-    sizes = random.Random(f"ballast {name}")
-    ballast_mib: List[int] = []
-
-    def sample(side: Callable[[], float], into: List[float]) -> None:
-        size = sizes.randrange(0, ballast_max, 4096) if ballast_max > 0 else 0
-        ballast_mib.append(size >> 20)
-        with ballast(size):
-            into.append(side())
-
     for index in range(repeats + repeats % 2):
         if index % 2:
-            sample(ours, our_values)
-            sample(native, native_values)
+            our_values.append(ours())
+            native_values.append(native())
         else:
-            sample(native, native_values)
-            sample(ours, our_values)
+            native_values.append(native())
+            our_values.append(ours())
     # Paired: each sample against its neighbour of the other side, so drift of the machine
     # over the run (several percent on this VM) cancels out of every ratio.
     paired = [mine / theirs for mine, theirs in zip(our_values, native_values)]
     row = {"native": summary(native_values), "binding": summary(our_values),
            "ratio_median": statistics.median(our_values) / statistics.median(native_values),
            "ratio_paired_median": statistics.median(paired)}
-    if ballast_max > 0:
-        row["ballast_mib_in_run_order"] = ballast_mib
     results[name] = row
     print(f"{name:<28} native {row['native']['median']:8.1f} tok/s (min {row['native']['min']:.1f})   "
           f"binding {row['binding']['median']:8.1f} tok/s (min {row['binding']['min']:.1f})   "
@@ -473,8 +418,6 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=16)
     parser.add_argument("--long-repeats", type=int, default=10,
                         help="repeats of the pp4096 row, whose samples spread the most (see sample_in_fresh_process)")
-    parser.add_argument("--ballast-mib", type=int, default=512,
-                        help="pp4096 rows: each sample beside a random 0..N MiB of held memory (0: none; see ballast())")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
     parser.add_argument("--sample", help=argparse.SUPPRESS)  # child of sample_in_fresh_process
     parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch",
@@ -508,15 +451,13 @@ def main() -> int:
         if f"pp{n_prompt}" in parts:
             interleaved(f"prefill pp{n_prompt}", row_repeats,
                         lambda: run_llama_bench(binary, model, args.threads, n_prompt, 0),
-                        lambda: sample_in_fresh_process(model, args.threads, f"prefill{n_prompt}"), results,
-                        ballast_max=args.ballast_mib << 20 if n_prompt > 512 else 0)
+                        lambda: sample_in_fresh_process(model, args.threads, f"prefill{n_prompt}"), results)
     if "pp4096-hugepages" in parts:
         # Page placement decides much of a long prefill's speed on a VM (docs/performance.md);
         # huge pages on both sides take most of that lottery out of the comparison.
         interleaved("prefill pp4096 hugepages", args.long_repeats,
                     lambda: run_llama_bench(binary, model, args.threads, 4096, 0, env=HUGEPAGES_ENV),
-                    lambda: sample_in_fresh_process(model, args.threads, "prefill4096", env=HUGEPAGES_ENV), results,
-                    ballast_max=args.ballast_mib << 20)
+                    lambda: sample_in_fresh_process(model, args.threads, "prefill4096", env=HUGEPAGES_ENV), results)
     if "cancel" in parts:
         latency_row("cancel between tokens", cancel_between_tokens(llm, 10 if args.quick else 40), results)
         latency_row("cancel during decoding", cancel_during_decoding(llm, 10 if args.quick else 60), results)
