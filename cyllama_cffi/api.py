@@ -425,11 +425,10 @@ class _Stream:
         record): the KV cache is cut back to what ``LLM._kv_tokens`` records, and the prefill or
         the token loop carries on from there, so nothing is decoded, sampled or emitted twice.
         """
-        if not self._prefilled:
-            if not self._prefill():
-                return
-        else:
+        if self._started:  # a retry: the KV cache may hold a decode that is not on record
             self._ctx.memory_seq_rm(0, len(self._llm._kv_tokens), -1)
+        if not self._prefilled and not self._prefill():
+            return
         self._steps = self._token_loop()
 
     def _token_loop(self) -> Iterator[None]:
@@ -519,9 +518,7 @@ class _Stream:
         llm = self._llm
         ctx = self._ctx
         batch = self._batch
-        if self._started:
-            ctx.memory_seq_rm(0, len(llm._kv_tokens), -1)
-        else:
+        if not self._started:
             ctx.memory_clear()
             llm._kv_tokens = []
             self._started = True
