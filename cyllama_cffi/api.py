@@ -44,6 +44,7 @@ from .streaming import TextAssembler
 logger = logging.getLogger("cyllama_cffi")
 
 TokenCallback = Callable[[str], Any]
+Prompt = Union[str, Sequence[int]]  # text, or token ids decoded as given
 
 # Model-level settings: changing them needs a new model, not just a new context.
 _MODEL_FIELDS = ("n_gpu_layers", "main_gpu", "split_mode", "tensor_split")
@@ -127,19 +128,22 @@ class LLM:
                 pass
 
     # -- generation -----------------------------------------------------------------------
-    def __call__(self, prompt: str, config: Optional[GenerationConfig] = None, stream: bool = False,
+    def __call__(self, prompt: Prompt, config: Optional[GenerationConfig] = None, stream: bool = False,
                  on_token: Optional[TokenCallback] = None) -> Union[Response, Iterator[str]]:
-        """Generate from ``prompt``: a ``Response``, or with ``stream=True`` an iterator of text chunks."""
+        """Generate from ``prompt``: a ``Response``, or with ``stream=True`` an iterator of text chunks.
+
+        ``prompt`` is text, or a sequence of token ids (e.g. from ``tokenize()``) decoded as given.
+        """
         generation = self._start(prompt, config or self.config, on_token)
         if stream:
             return generation
         text = "".join(generation)
         return Response(text, generation.stats, generation.finish_reason or "stop", self.model_name)
 
-    def generate(self, prompt: str, config: Optional[GenerationConfig] = None, **kwargs: Any):
+    def generate(self, prompt: Prompt, config: Optional[GenerationConfig] = None, **kwargs: Any):
         return self(prompt, config=config, **kwargs)
 
-    def stream(self, prompt: str, config: Optional[GenerationConfig] = None,
+    def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None,
                on_token: Optional[TokenCallback] = None) -> "_Stream":
         return self._start(prompt, config or self.config, on_token)
 
@@ -180,21 +184,15 @@ class LLM:
                 return ffi.buffer(buffer, length)[:].decode("utf-8", "replace")
             size = length
 
-    def _start(self, prompt: str, config: GenerationConfig, on_token: Optional[TokenCallback]) -> "_Stream":
+    def _start(self, prompt: Prompt, config: GenerationConfig, on_token: Optional[TokenCallback]) -> "_Stream":
         if self._closed:
             raise ClosedError("this LLM is closed")
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if not isinstance(config, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
-        if prompt == "":
-            raise ValueError("the prompt is empty; give at least one character of text")
         changed = [name for name in _MODEL_FIELDS if getattr(config, name) != getattr(self.config, name)]
         if changed:
             raise ValueError(f"{', '.join(changed)} can only be set when the LLM is created")
-        tokens = self.vocab.tokenize(prompt, add_special=config.add_bos, parse_special=config.parse_special)
-        if not tokens:
-            raise ValueError("the prompt tokenizes to no tokens")
+        tokens = self._prompt_tokens(prompt, config)
         self._claim()
         try:
             ctx = self._context_for(len(tokens), config)
@@ -206,6 +204,37 @@ class LLM:
         except BaseException:
             self._release(None)
             raise
+
+    def _prompt_tokens(self, prompt: Prompt, config: GenerationConfig) -> List[int]:
+        """The prompt as checked token ids: text is tokenized, a sequence of ids is range-checked.
+
+        Ids are checked here because llama.cpp aborts the process for some out-of-range ids
+        (sampling and detokenizing them) and only rejects others inside ``llama_decode``.
+        Token prompts are decoded as given: no BOS is added (``add_bos`` applies to text).
+        """
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("the prompt is empty; give at least one character of text")
+            tokens = self.vocab.tokenize(prompt, add_special=config.add_bos, parse_special=config.parse_special)
+            if not tokens:
+                raise ValueError("the prompt tokenizes to no tokens")
+            return tokens
+        try:
+            items = iter(prompt) if not isinstance(prompt, (bytes, bytearray, memoryview, dict)) else None
+        except TypeError:
+            items = None
+        if items is None:
+            raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+        tokens = []
+        for token in items:
+            # bool is an int subclass, numpy integers are not: accept what index() accepts, but no bools.
+            if isinstance(token, bool) or not hasattr(token, "__index__"):
+                raise TypeError(f"token ids must be integers, got {type(token).__name__}")
+            tokens.append(token.__index__())
+        if not tokens:
+            raise ValueError("the prompt is empty; give at least one token id")
+        self.vocab.check_tokens(tokens)
+        return tokens
 
     # -- ownership of the context ------------------------------------------------------------
     def _claim(self) -> None:

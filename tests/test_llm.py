@@ -250,6 +250,36 @@ def test_empty_prompt_is_a_value_error(llm):
         llm(None)  # type: ignore[arg-type]
 
 
+def test_token_id_prompt_generates_what_its_text_generates(llm):
+    import numpy
+
+    tokens = llm.tokenize(PROMPT)
+    expected = llm(PROMPT)
+    for prompt in (tokens, tuple(tokens), numpy.array(tokens, dtype=numpy.int32)):
+        response = llm(prompt)
+        assert response.text == expected.text
+        assert response.stats.prompt_tokens == len(tokens)
+    assert "".join(llm(tokens, stream=True)) == expected.text
+
+
+@pytest.mark.parametrize("prompt,error,message", [
+    ([], ValueError, "empty"),
+    ([0, 49152], ValueError, "outside the vocabulary"),
+    ([-1], ValueError, "outside the vocabulary"),
+    ([2 ** 40], ValueError, "outside the vocabulary"),
+    ([1, "2"], TypeError, "integers"),
+    ([1.0], TypeError, "integers"),
+    ([True], TypeError, "integers"),
+    (b"bytes", TypeError, "sequence of token ids"),
+    (7, TypeError, "sequence of token ids"),
+])
+def test_bad_token_id_prompts_raise_before_llama_cpp(llm, prompt, error, message):
+    assert llm.vocab.n_tokens == 49152  # the out-of-range case above is the first id past the end
+    with pytest.raises(error, match=message):
+        llm(prompt)
+    assert llm(PROMPT).text  # nothing was claimed or decoded: still usable
+
+
 def test_generation_stops_at_a_full_explicit_context(llm):
     response = llm(PROMPT, config=llm.config.replace(n_ctx=16, max_tokens=100))
     assert response.finish_reason == "length"
