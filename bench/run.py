@@ -13,7 +13,8 @@ llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
   decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
   prefill   512- and 4096-token prompts through ``LLM``        vs  pp512 / pp4096, and pp4096
-            again with glibc's huge pages on both sides
+            again with glibc's huge pages on both sides; the binding decodes llama-bench's
+            own prompt tokens (bench/native_tokens.py)
   cancel    between tokens (stream suspended), at a random moment of decoding, mid-prefill
             (cancel() from another thread), SIGINT mid-prefill (real child process)
   machinery decode with the abort callback + per-token check vs without (bench-only switch)
@@ -38,10 +39,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.native_tokens import llama_bench_prompts  # noqa: E402  (needs REPO on the path)
 
 LONG_UNIT = "The quick brown fox jumps over the lazy dog. "  # 10 tokens with SmolLM2
 DECODE_PROMPT = "Once upon a time, in a land far away,"
@@ -115,7 +118,14 @@ def binding_decode(llm, n_gen: int = 128, n_ctx: Optional[int] = 1024) -> float:
     return stats.tokens_per_second
 
 
-def binding_prefill(llm, prompt: str, n_ubatch: Optional[int] = None, n_ctx: Optional[int] = 8192) -> float:
+def native_prompts(llm, n_prompt: int) -> Tuple[List[int], List[int]]:
+    """The tokens of llama-bench's warm-up and timed ``pp n_prompt`` runs (bench/native_tokens.py)."""
+    vocab = llm.vocab
+    warmup, timed = llama_bench_prompts(n_prompt, llm.config.n_batch, vocab.n_tokens, vocab.bos, vocab.add_bos)
+    return warmup, timed
+
+
+def binding_prefill(llm, prompt: Union[str, Sequence[int]], n_ubatch: Optional[int] = None, n_ctx: Optional[int] = 8192) -> float:
     """Prefill tokens/s of one ``llm(prompt)`` (``n_ubatch`` None: the default's)."""
     config = llm.config.replace(max_tokens=1, n_ctx=n_ctx, n_ubatch=n_ubatch or llm.config.n_ubatch)
     response = llm(prompt, config=config)
@@ -142,18 +152,19 @@ def run_sample(model: Path, threads: int, kind: str) -> float:
     """The child side of :func:`sample_in_fresh_process`.
 
     A prefill of N is a prompt of N-1 tokens plus the one generated token in a context of exactly
-    N cells: the same KV cache llama-bench's ``pp N`` decodes into. n_batch and n_ubatch are the
-    binding's defaults (2048 and 512, as llama-bench's).
+    N cells: the same KV cache llama-bench's ``pp N`` decodes into, and the same tokens (those of
+    llama-bench's warm-up run for the warm-up, of its timed run for the timed one). n_batch and
+    n_ubatch are the binding's defaults (2048 and 512, as llama-bench's).
     """
     llm = make_llm(model, threads)
     if kind == "decode":
-        run = lambda warm: binding_decode(warm, n_ctx=None)  # noqa: E731
+        binding_decode(llm, n_ctx=None)  # warm-up, as llama-bench's
+        value = binding_decode(llm, n_ctx=None)
     else:
         n_prompt = int(kind[len("prefill"):])
-        prompt = long_prompt(llm, n_prompt - 1)
-        run = lambda warm: binding_prefill(warm, prompt, n_ctx=n_prompt)  # noqa: E731
-    run(llm)  # warm-up, as llama-bench's
-    value = run(llm)
+        warmup, timed = native_prompts(llm, n_prompt)
+        binding_prefill(llm, warmup[:n_prompt - 1], n_ctx=n_prompt)
+        value = binding_prefill(llm, timed[:n_prompt - 1], n_ctx=n_prompt)
     llm.close()
     return value
 
@@ -348,7 +359,7 @@ PYPY_WORKER = (
     "b.binding_decode(llm)  # warm-up: context, JIT\n"
     "for line in sys.stdin:\n"
     "    kind = line.strip()\n"
-    "    value = b.binding_decode(llm) if kind == 'decode' else b.binding_prefill(llm, b.long_prompt(llm, 512))\n"
+    "    value = b.binding_decode(llm) if kind == 'decode' else b.binding_prefill(llm, b.native_prompts(llm, 512)[1])\n"
     "    print(json.dumps(value), flush=True)\n"
 )
 
@@ -370,7 +381,7 @@ def pypy_rows(pypy: str, model: Path, threads: int, repeats: int, binary: Path, 
             raise RuntimeError(worker.stderr.read()[-2000:])
         return float(line)
 
-    prompt512 = long_prompt(llm, 512)
+    prompt512 = native_prompts(llm, 512)[1]
     measures = {
         "decode": (lambda: run_llama_bench(binary, model, threads, 0, 128), lambda: binding_decode(llm)),
         "prefill512": (lambda: run_llama_bench(binary, model, threads, 512, 0),
