@@ -27,10 +27,20 @@ native_tokens = load_native_tokens()
                     "only Linux has glibc to compare against")
 @pytest.mark.parametrize("seed", [1, 7, 2**31 - 2])
 def test_glibc_rand_matches_the_c_library(seed):
+    # rand()'s state is process-wide and a runtime may draw from it too (PyPy does, between our
+    # calls); random_r() runs the same generator on a private state, as srand()/rand() do.
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.srand(seed)
+    state = ctypes.create_string_buffer(128)  # 128 bytes: the TYPE_3 generator that rand() uses
+    data = ctypes.create_string_buffer(64)  # struct random_data (48 bytes on LP64), zeroed
+    assert libc.initstate_r(ctypes.c_uint(seed), state, ctypes.c_size_t(128), data) == 0
+    value = ctypes.c_int32()
+
+    def c_rand() -> int:
+        assert libc.random_r(data, ctypes.byref(value)) == 0
+        return value.value
+
     ours = native_tokens.glibc_rand(seed)
-    assert [next(ours) for _ in range(5000)] == [libc.rand() for _ in range(5000)]
+    assert [next(ours) for _ in range(5000)] == [c_rand() for _ in range(5000)]
 
 
 def test_prompts_are_drawn_per_batch_as_llama_bench_draws_them():
