@@ -4,9 +4,9 @@
 first token is BOS when the vocabulary adds one) and never seeds the generator, so every
 process draws the same sequence: glibc's ``rand()`` after the implicit ``srand(1)``. Its warm-up
 run draws the first ``N`` tokens and the timed run the next ``N``. Feeding the binding those
-same tokens makes a prefill row compare like with like: on the VM of ``docs/performance.md``
-the speed of a long prefill was seen to depend on the prompt's content, so a text prompt
-against random tokens measures the inputs as much as the binding.
+same tokens makes a prefill row compare like with like: a text prompt against random tokens
+would compare inputs as well as the two drivers (on one VM a long prefill's speed was once seen
+to follow the prompt's content, docs/performance.md).
 """
 
 from __future__ import annotations
