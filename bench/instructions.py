@@ -29,7 +29,6 @@ reports its error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -91,7 +90,7 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
 
-    from bench.run import native_bench_binary
+    from bench.run import native_bench_binary, write_results
     from cyllama_cffi.models import default_model_path
 
     model = default_model_path(args.model)
@@ -129,10 +128,7 @@ def main() -> int:
     for key, label in (("decode", "inside llama.cpp's decode"), ("total", "whole prompt call")):
         print(f"{label:28} {theirs[key]:>20,} {ours[key]:>16,} {per_token[key]:>16.4f}")
     print(f"binding work outside llama.cpp's decode: {rows['binding_outside_decode'] * 100:.3f} % of it")
-    out_json = Path(args.json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(rows, indent=2))
-    print(f"results written to {out_json}")
+    write_results(args.json, rows)
     return 0
 
 

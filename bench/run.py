@@ -122,7 +122,7 @@ def native_prompts(llm, n_prompt: int) -> Tuple[List[int], List[int]]:
     """The tokens of llama-bench's warm-up and timed ``pp n_prompt`` runs (bench/native_tokens.py)."""
     vocab = llm.vocab
     warmup, timed = llama_bench_prompts(n_prompt, llm.config.n_batch, vocab.n_tokens, vocab.bos, vocab.add_bos)
-    return warmup, timed
+    return warmup, timed  # noqa: RET504 - the unpacking checks there are exactly two runs
 
 
 def binding_prefill(llm, prompt: Union[str, Sequence[int]], n_ubatch: Optional[int] = None, n_ctx: Optional[int] = 8192) -> float:
@@ -422,6 +422,14 @@ def machine_info() -> Dict[str, Any]:
             "implementation": platform.python_implementation(), "platform": platform.platform()}
 
 
+def write_results(path: str, results: Dict[str, Any]) -> None:
+    """The run's JSON file (its directory made if missing), and where it went."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="GGUF (default: the default model)")
@@ -538,10 +546,7 @@ def main() -> int:
         results["ubatch_sweep"] = sweep
     llm.close()
 
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results written to {out}")
+    write_results(args.json, results)
     return 0
 
 

@@ -219,14 +219,10 @@ class LLM:
             if not tokens:
                 raise ValueError("the prompt tokenizes to no tokens")
             return tokens
-        try:
-            items = iter(prompt) if not isinstance(prompt, (bytes, bytearray, memoryview, dict)) else None
-        except TypeError:
-            items = None
-        if items is None:
+        if isinstance(prompt, (bytes, bytearray, memoryview, dict)) or not hasattr(prompt, "__iter__"):
             raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
         tokens = []
-        for token in items:
+        for token in prompt:
             # bool is an int subclass, numpy integers are not: accept what index() accepts, but no bools.
             if isinstance(token, bool) or not hasattr(token, "__index__"):
                 raise TypeError(f"token ids must be integers, got {type(token).__name__}")
