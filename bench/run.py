@@ -20,7 +20,8 @@ llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
   machinery decode with the abort callback + per-token check vs without (bench-only switch)
   startup   import time (fresh process), model load time
   pypy      decode/prefill rows again under PyPy, when a PyPy venv with the package exists
-  ubatch    prefill throughput and mid-prefill cancel latency for several n_ubatch values
+  ubatch    pp4096 throughput for several n_ubatch values (fresh processes, in rotation) and the
+            wait for ggml's next abort poll at a random moment of that prefill (node durations)
 
 Output: a table on stdout and a JSON file (``bench/results/latest.json`` by default).
 """
@@ -28,6 +29,7 @@ Output: a table on stdout and a JSON file (``bench/results/latest.json`` by defa
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -160,11 +162,12 @@ def run_sample(model: Path, threads: int, kind: str) -> float:
     if kind == "decode":
         binding_decode(llm, n_ctx=None)  # warm-up, as llama-bench's
         value = binding_decode(llm, n_ctx=None)
-    else:
-        n_prompt = int(kind[len("prefill"):])
+    else:  # prefillN, or prefillN/U for n_ubatch U
+        n_prompt_text, _, n_ubatch_text = kind[len("prefill"):].partition("/")
+        n_prompt, n_ubatch = int(n_prompt_text), int(n_ubatch_text) if n_ubatch_text else None
         warmup, timed = native_prompts(llm, n_prompt)
-        binding_prefill(llm, warmup[:n_prompt - 1], n_ctx=n_prompt)
-        value = binding_prefill(llm, timed[:n_prompt - 1], n_ctx=n_prompt)
+        binding_prefill(llm, warmup[:n_prompt - 1], n_ubatch=n_ubatch, n_ctx=n_prompt)
+        value = binding_prefill(llm, timed[:n_prompt - 1], n_ubatch=n_ubatch, n_ctx=n_prompt)
     llm.close()
     return value
 
@@ -235,10 +238,10 @@ def cancel_between_tokens(llm, trials: int) -> List[float]:
     return latencies
 
 
-def cancel_by_timer(llm, stream, delay: float) -> float:
+def cancel_by_timer(llm, stream, delay: float, marks: Optional[Dict[str, float]] = None) -> float:
     """Consume ``stream`` while a timer calls ``llm.cancel()`` after ``delay`` seconds; return the
-    seconds from that ``cancel()`` call to the end of the stream."""
-    marks: Dict[str, float] = {}
+    seconds from that ``cancel()`` call to the end of the stream (``marks["cancel"]``: its time)."""
+    marks = {} if marks is None else marks
 
     def cancel() -> None:
         marks["cancel"] = time.perf_counter()
@@ -268,18 +271,41 @@ def cancel_during_decoding(llm, trials: int) -> List[float]:
     return latencies
 
 
-def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000, n_ubatch: Optional[int] = None) -> List[float]:
-    """``cancel()`` from a timer at a random moment of a long prefill (``n_ubatch``: the default's)."""
-    latencies = []
+def prefill_seconds(llm, prompt: str, n_ubatch: Optional[int] = None) -> float:
+    """How long one prefill of ``prompt`` takes here: the span a random cancel moment is drawn from."""
+    config = llm.config.replace(max_tokens=1, n_ctx=8192, n_ubatch=n_ubatch or llm.config.n_ubatch)
+    return llm(prompt, config=config).stats.prompt_time
+
+
+def random_moments(duration: float, trials: int) -> List[float]:
+    """``trials`` moments drawn uniformly over the middle 96 % of a prefill of ``duration`` seconds.
+
+    Uniform over the *whole* prefill: graph nodes grow with the KV cache (attention over n_kv
+    positions), so the late part of a long prompt has the longest nodes; a draw from its first
+    seconds only (what this benchmark did before session 7) measured the short early nodes.
+    """
+    return [random.uniform(0.02, 0.98) * duration for _ in range(trials)]
+
+
+def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000,
+                       n_ubatch: Optional[int] = None) -> Tuple[List[float], List[float]]:
+    """``cancel()`` from a timer at a uniformly random moment of a long prefill (``n_ubatch``: the
+    default's). Returns two latencies per trial, both from the ``cancel()`` call: to the end of
+    the stream (the caller has control back), and to the return of the prefill chunk's
+    ``llama_decode`` (the cores are free; ggml stops at its next graph node)."""
+    stream_ends, decode_returns = [], []
     prompt = long_prompt(llm, n_tokens)
     config = llm.config.replace(max_tokens=4, n_ctx=8192, n_ubatch=n_ubatch or llm.config.n_ubatch)
-    for _ in range(trials):
+    for delay in random_moments(prefill_seconds(llm, prompt, n_ubatch), trials):
         stream = llm.stream(prompt, config=config)
-        latency = cancel_by_timer(llm, stream, random.uniform(0.2, 3.0))
+        marks: Dict[str, float] = {}
+        latency = cancel_by_timer(llm, stream, delay, marks)
+        stream._await_running_chunk()  # returns when the chunk's decode has (at once if it had)
+        decode_returns.append(time.perf_counter() - marks["cancel"])
         if stream.finish_reason != "cancelled" or stream.stats.generated_tokens:
             raise RuntimeError("prefill finished before the cancel; use a longer prompt")
-        latencies.append(latency)
-    return latencies
+        stream_ends.append(latency)
+    return stream_ends, decode_returns
 
 
 SIGINT_CHILD = r"""
@@ -295,14 +321,16 @@ print("BACK", time.monotonic(), llm.last_finish_reason, flush=True)
 """
 
 
-def sigint_mid_prefill(model: Path, threads: int, trials: int, prompt: str) -> List[float]:
+def sigint_mid_prefill(model: Path, threads: int, trials: int, prompt: str, duration: float) -> List[float]:
+    """SIGINT to a real child at a uniformly random moment of its prefill (``duration``: one
+    prefill of ``prompt`` measured in this process with the same settings)."""
     latencies = []
-    for _ in range(trials):
+    for delay in random_moments(duration, trials):
         child = subprocess.Popen([sys.executable, "-c", SIGINT_CHILD, str(model), str(threads), prompt],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert child.stdout.readline().startswith("PREFILL")
-            time.sleep(random.uniform(0.3, 3.0))
+            time.sleep(delay)
             sent = time.monotonic()
             child.send_signal(signal.SIGINT)
             line = child.stdout.readline().split()
@@ -320,6 +348,72 @@ def latency_row(name: str, values: List[float], results: Dict[str, Any]) -> None
     results[name] = {"unit": "ms", **row}
     print(f"{name:<28} p50 {row['p50']:7.2f} ms   p99 {row['p99']:7.2f} ms   max {row['max']:7.2f} ms   "
           f"(n={row['n']})", flush=True)
+
+
+# -- n_ubatch: throughput against the length of graph nodes ---------------------------------------
+
+UBATCH_SIZES = (128, 256, 512)
+
+
+def abort_poll_times(model: Path, threads: int, tokens: Sequence[int], n_ubatch: int) -> List[float]:
+    """The moments ggml polled the abort callback during one prefill of ``tokens``.
+
+    ggml's CPU backend polls once per graph node (after thread 0's share of it), so the gaps
+    are the node durations: a cancel landing inside a gap waits for the rest of it. A Python
+    callback stamps each poll (~1 us each against nodes of milliseconds)."""
+    from cyllama_cffi.batch import LlamaBatch
+    from cyllama_cffi.context import LlamaContext
+    from cyllama_cffi.model import LlamaModel
+
+    stamps: List[float] = []
+    clock = time.perf_counter
+    with LlamaModel(str(model)) as llama_model, \
+            LlamaContext(llama_model, n_ctx=len(tokens) + 1, n_ubatch=n_ubatch, n_threads=threads) as ctx, \
+            LlamaBatch(ctx.n_batch) as batch:
+        ctx.set_abort_callback(lambda: stamps.append(clock()) and False)
+        for start in range(0, len(tokens), n_ubatch):
+            batch.set_tokens(tokens[start:start + n_ubatch], start, logits_last=start + n_ubatch >= len(tokens))
+            ctx.decode(batch)
+    return stamps
+
+
+def wait_at_random_moments(stamps: Sequence[float], samples: int = 20000) -> List[float]:
+    """Seconds from uniformly random moments between the first and last poll to the next poll."""
+    draw = random.Random(7)
+    waits = []
+    for _ in range(samples):
+        moment = draw.uniform(stamps[0], stamps[-1])
+        waits.append(stamps[min(bisect.bisect_right(stamps, moment), len(stamps) - 1)] - moment)
+    return waits
+
+
+def ubatch_sweep(model: Path, threads: int, rounds: int) -> Dict[str, Any]:
+    """pp4096 throughput for each n_ubatch in fresh processes, sizes in rotation (so drift hits
+    all alike), and what each size implies for a cancel at a random moment of that prefill:
+    the wait for ggml's next abort poll, from the node durations of one measured prefill."""
+    speeds: Dict[int, List[float]] = {size: [] for size in UBATCH_SIZES}
+    for round_index in range(rounds):
+        order = UBATCH_SIZES if round_index % 2 == 0 else tuple(reversed(UBATCH_SIZES))
+        for size in order:
+            speeds[size].append(sample_in_fresh_process(model, threads, f"prefill4096/{size}"))
+    llm = make_llm(model, threads)
+    tokens = native_prompts(llm, 4096)[1][:4095]
+    llm.close()
+    sweep: Dict[str, Any] = {}
+    fastest = max(statistics.median(values) for values in speeds.values())
+    for size in UBATCH_SIZES:
+        stamps = abort_poll_times(model, threads, tokens, size)
+        gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+        waits = summary([wait * 1000 for wait in wait_at_random_moments(stamps)])
+        del waits["values"]  # 20,000 draws: the percentiles are the result
+        speed = statistics.median(speeds[size])
+        sweep[str(size)] = {"prefill_tok_s": summary(speeds[size]), "prefill_vs_fastest": speed / fastest,
+                            "samples": speeds[size], "longest_node_ms": max(gaps) * 1000,
+                            "abort_wait_at_random_moment_ms": waits}
+        print(f"n_ubatch {size:<5} pp4096 {speed:7.1f} tok/s ({speed / fastest:.3f} of the fastest, "
+              f"{len(speeds[size])} fresh processes)   abort wait at a random moment p50 {waits['p50']:.1f} ms "
+              f"p99 {waits['p99']:.1f} ms   longest node {max(gaps) * 1000:.1f} ms", flush=True)
+    return sweep
 
 
 # -- startup ---------------------------------------------------------------------------------------
@@ -480,9 +574,12 @@ def main() -> int:
     if "cancel" in parts:
         latency_row("cancel between tokens", cancel_between_tokens(llm, 10 if args.quick else 40), results)
         latency_row("cancel during decoding", cancel_during_decoding(llm, 10 if args.quick else 60), results)
-        latency_row("cancel mid-prefill", cancel_mid_prefill(llm, 5 if args.quick else 12), results)
-        latency_row("SIGINT mid-prefill", sigint_mid_prefill(model, args.threads, 5 if args.quick else 12,
-                                                             long_prompt(llm, 4000)), results)
+        stream_ends, decode_returns = cancel_mid_prefill(llm, 5 if args.quick else 12)
+        latency_row("cancel mid-prefill", stream_ends, results)
+        latency_row("  its llama_decode returned", decode_returns, results)
+        prompt4000 = long_prompt(llm, 4000)
+        latency_row("SIGINT mid-prefill", sigint_mid_prefill(model, args.threads, 5 if args.quick else 12, prompt4000,
+                                                             prefill_seconds(llm, prompt4000)), results)
     if "machinery" in parts:
         # Back-to-back pairs, the order alternating, and the median of the per-pair ratios: the
         # machine's drift between pairs (several % on a shared VM) cancels out of each ratio.
@@ -525,25 +622,7 @@ def main() -> int:
                       f"PyPy/native {row['pypy_vs_native']:.3f}   PyPy/CPython {row['pypy_vs_cpython']:.3f}",
                       flush=True)
     if "ubatch" in parts:
-        # Interleaved rounds (128, 256, 512, 128, ...) so machine drift hits every size alike.
-        sizes = (128, 256, 512)
-        prompt4000 = long_prompt(llm, 4000)
-        speeds: Dict[int, List[float]] = {size: [] for size in sizes}
-        latencies: Dict[int, List[float]] = {size: [] for size in sizes}
-        for _ in range(max(2, repeats)):
-            for size in sizes:
-                speeds[size].append(binding_prefill(llm, prompt4000, size))
-                latencies[size] += [v * 1000 for v in cancel_mid_prefill(llm, 3, 4000, size)]
-        sweep = {}
-        fastest = max(statistics.median(values) for values in speeds.values())
-        for size in sizes:
-            speed = statistics.median(speeds[size])
-            sweep[size] = {"prefill_tok_s": speed, "prefill_vs_fastest": speed / fastest,
-                           "cancel_ms": summary(latencies[size])}
-            print(f"n_ubatch {size:<5} prefill 4000: {speed:7.1f} tok/s ({speed / fastest:.3f} of the fastest)   "
-                  f"mid-prefill cancel p50 {sweep[size]['cancel_ms']['p50']:.2f} ms "
-                  f"p99 {sweep[size]['cancel_ms']['p99']:.2f} ms (n={sweep[size]['cancel_ms']['n']})", flush=True)
-        results["ubatch_sweep"] = sweep
+        results["ubatch_sweep"] = ubatch_sweep(model, args.threads, max(2, args.long_repeats // 2))
     llm.close()
 
     write_results(args.json, results)

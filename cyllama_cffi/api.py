@@ -3,17 +3,19 @@
 Cancellation (``llm.cancel()``, any thread, idempotent) sets a
 ``threading.Event`` polled once per token in the generation loop *and* the C
 abort flag of the context, which ggml polls once per graph node inside
-``llama_decode``, so a long prefill stops within milliseconds. The prompt is
+``llama_decode``, so a long prefill stops at its next graph node. The prompt is
 also fed in ``n_ubatch`` chunks with an Event check between chunks, so it
-works on backends that ignore abort callbacks too. A cancelled generation
+works on backends that ignore abort callbacks too; each chunk is decoded on a
+helper thread (see ``_Stream._prefill``), so a cancel ends the stream at once
+even while a long graph node runs. A cancelled generation
 yields what it produced, ends with ``finish_reason == "cancelled"`` and
 leaves the LLM ready for the next call, whose start clears the flags.
 
 Concurrency model: one generation at a time per ``LLM``. No lock is held
 while a stream is suspended at ``yield``; a stream holds only its own
 ``step lock`` while it computes the next chunk. A new call waits for the
-in-flight step of a finished/cancelled/closed stream (milliseconds after a
-cancel) and takes over; a *live* stream makes the new call raise
+in-flight step (and prefill chunk) of a finished/cancelled/closed stream (at
+most one graph node after a cancel) and takes over; a *live* stream makes the new call raise
 ``RuntimeError``. A superseded stream ends cleanly when resumed.
 """
 
@@ -29,6 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 from ._ffi import ffi
 from ._logging import set_verbose
+from .background import BackgroundDecode, DecodeWorker
 from .batch import LlamaBatch
 from .config import GenerationConfig
 from .context import LlamaContext, usable_cores
@@ -77,6 +80,9 @@ class LLM:
         self._batch: Optional[LlamaBatch] = None
         self._kv_tokens: List[int] = []  # tokens whose K/V are in the cache, in order
         self._cancel_event = threading.Event()
+        self._prefill_wake: Optional[threading.Event] = None  # a prefill chunk's waiter, see _Stream._prefill
+        self._decoder = DecodeWorker()  # decodes prompt chunks, see _Stream._prefill
+        weakref.finalize(self, self._decoder.stop, False)
         self._state_lock = threading.Lock()
         self._active: Optional["weakref.ReferenceType[_Stream]"] = None
         self._sigint_watchers = 0
@@ -100,6 +106,9 @@ class LLM:
             except ClosedError:  # the context was being replaced or closed: nothing runs on it
                 pass
         self._cancel_event.set()
+        wake = self._prefill_wake
+        if wake is not None:  # a stream waiting for a prefill chunk returns now, the chunk stops on its own
+            wake.set()
 
     @property
     def cancel_requested(self) -> bool:
@@ -259,6 +268,7 @@ class LLM:
             # Finished, cancelled or closed: wait for its in-flight step, if any, to return.
             with current._step_lock:
                 pass
+            current._await_running_chunk()
             with self._state_lock:
                 if self._active is not None and self._active() is current:
                     self._active = None
@@ -314,6 +324,8 @@ class LLM:
         if isinstance(stream, _Stream):
             with stream._step_lock:
                 stream._superseded = True
+            stream._await_running_chunk()
+        self._decoder.stop()
         if self._batch is not None:
             self._batch.close()
         self.model.close()  # closes the context first
@@ -391,6 +403,7 @@ class _Stream:
         self._t_prompt_done = 0.0
         self._prefilled = False
         self._steps: Optional[Iterator[None]] = None
+        self._running_chunk: Optional[BackgroundDecode] = None  # a prefill chunk this stream stopped waiting for
 
     @property
     def _live(self) -> bool:
@@ -402,6 +415,8 @@ class _Stream:
 
     def __next__(self) -> str:
         with self._step_lock:
+            if not self._done:
+                self._await_running_chunk()  # after an exception left a prefill chunk running
             while not self._pending:
                 if self._done:
                     raise StopIteration
@@ -426,11 +441,15 @@ class _Stream:
     def close(self) -> None:
         """Stop this stream; the LLM is free for the next call at once."""
         self._closing = True
-        if not self._done and self._llm._active is not None and self._llm._active() is self:
+        llm = self._llm
+        if not self._done and llm._active is not None and llm._active() is self:
             try:
                 self._ctx.cancel = True  # an in-flight decode in another thread stops now
             except ClosedError:  # the LLM was closed: nothing is running on the context
                 pass
+            wake = llm._prefill_wake
+            if wake is not None:
+                wake.set()
         with self._step_lock:
             if not self._done:
                 self._finish("cancelled", flush=False)
@@ -538,7 +557,12 @@ class _Stream:
     def _prefill(self) -> bool:
         """Feed the prompt in n_ubatch chunks, checking for cancellation between chunks.
 
-        After an exception (see ``_start_steps``) it resumes at the first chunk not on record.
+        Each chunk is decoded on a helper thread (:mod:`.background`) while this one waits on an
+        event that ``cancel()`` and ``close()`` also set: a cancel ends the stream at once, even
+        when the running graph node still has a hundred milliseconds to go; the decode stops at
+        its next node and the helper records what reached the KV cache. The next generation
+        waits for that (``_claim``). After an exception (see ``_start_steps``) the prefill
+        resumes at the first chunk not on record.
         """
         llm = self._llm
         ctx = self._ctx
@@ -550,23 +574,69 @@ class _Stream:
         tokens = self._prompt
         chunk = max(1, min(ctx.n_ubatch, ctx.n_batch))
         for start in range(len(llm._kv_tokens), len(tokens), chunk):
-            if llm._cancel_event.is_set():
+            wake = llm._prefill_wake = threading.Event()  # published before the check: no cancel is missed
+            if llm._cancel_event.is_set() or self._closing:
+                llm._prefill_wake = None
                 self._finish("cancelled")
                 return False
             piece = tokens[start:start + chunk]
             batch.set_tokens(piece, start, logits_last=start + chunk >= len(tokens))
+            job = BackgroundDecode(lambda: ctx.decode(batch), wake)
+            llm._decoder.submit(job)
             try:
-                ctx.decode(batch)
-            except DecodeAborted as aborted:
-                llm._kv_tokens = tokens[:aborted.n_past]
+                wake.wait()
+            except BaseException:  # e.g. KeyboardInterrupt: raise now, the helper records the chunk
+                if not self._leave_running(job, piece):
+                    self._record_chunk(piece, job.error)
+                raise
+            finally:
+                llm._prefill_wake = None
+            if not job.finished:  # woken by cancel() or close() while the decode runs
+                # Finished first, so that the helper, seeing it, releases the LLM when the decode is over.
+                self._finish("cancelled", release=False)
+                if not self._leave_running(job, piece):  # it returned meanwhile after all
+                    self._record_chunk(piece, job.error)
+                    llm._release(self)
+                return False
+            self._record_chunk(piece, job.error)
+            if isinstance(job.error, DecodeAborted):
                 self._finish("cancelled")
                 return False
-            llm._kv_tokens.extend(piece)
+            if job.error is not None:
+                raise job.error
         self._t_prompt_done = time.perf_counter()
         self._prefilled = True
         return True
 
-    def _finish(self, reason: str, flush: bool = True) -> None:
+    def _record_chunk(self, piece: List[int], error: Optional[BaseException]) -> None:
+        """Put what a prefill chunk's decode left in the KV cache on record."""
+        llm = self._llm
+        if error is None:
+            llm._kv_tokens.extend(piece)
+        elif isinstance(error, DecodeAborted):  # the cache was trimmed to the ubatches that completed
+            llm._kv_tokens = self._prompt[:error.n_past]
+        # Any other error: a retry cuts the cache back to the record, a new generation clears it.
+
+    def _leave_running(self, job: BackgroundDecode, piece: List[int]) -> bool:
+        """Stop waiting for a chunk's decode; False when it has returned already."""
+        def on_done(error: Optional[BaseException]) -> None:
+            self._record_chunk(piece, error)
+            if self._done:
+                self._llm._release(self)
+
+        self._running_chunk = job
+        if job.leave(on_done):
+            return True
+        self._running_chunk = None
+        return False
+
+    def _await_running_chunk(self) -> None:
+        """Wait until a prefill chunk this stream stopped waiting for has returned and is on record."""
+        job = self._running_chunk
+        if job is not None:
+            job.done.wait()
+
+    def _finish(self, reason: str, flush: bool = True, release: bool = True) -> None:
         if self._done:
             return
         self._done = True
@@ -589,4 +659,5 @@ class _Stream:
             llm.last_finish_reason = reason
             llm.last_finished_at = now
         self._sampler.close()
-        llm._release(self)
+        if release:
+            llm._release(self)

@@ -8,8 +8,10 @@ top of it:
 * the C hook bumps a process-wide counter that the abort callback of every
   watching context reads, so the decode stops within one graph node, and then
   chains to the previous handler (CPython's or PyPy's own trampoline), so
-* the Python handler still runs exactly once, right after the decode returns,
-  and calls ``cancel()`` (no ``KeyboardInterrupt``).
+* the Python handler still runs exactly once and calls ``cancel()`` (no
+  ``KeyboardInterrupt``): at once while the main thread waits for a prompt chunk
+  decoded on a helper thread, right after the decode returns when it is the
+  main thread that decodes (generated tokens; low-level calls).
 
 Handles restore in reverse order. SIGINT is blocked while handlers are
 swapped, so a Ctrl-C arriving mid-swap is delivered afterwards, never to a

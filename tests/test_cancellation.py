@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +109,7 @@ def test_cancel_mid_prefill_returns_fast_and_follow_up_matches_fresh(llm, refere
     assert latency < 1.0, f"prefill took {latency:.3f}s to stop"  # a full prefill takes several seconds
     assert box["chunks"] == [] and stream.finish_reason == "cancelled"
     assert stream.stats.generated_tokens == 0
+    stream._await_running_chunk()  # the chunk's decode may still be returning on its helper
     committed = len(llm._kv_tokens)
     assert 0 < committed < n_prompt  # really stopped in the middle
     assert llm._ctx.memory_seq_pos_max(0) + 1 == committed  # KV trimmed to what was committed
@@ -135,10 +139,107 @@ def test_chunked_prefill_stops_even_if_the_backend_ignores_abort(llm, reference)
         worker.join(30)
         assert box["done_at"] - cancelled_at < 1.0
         assert stream.finish_reason == "cancelled"
-        assert 0 < len(llm._kv_tokens) < stream.stats.prompt_tokens
     finally:
+        stream._await_running_chunk()  # the chunk that ignored the flag runs to its end
         llm._ctx.set_abort_callback(None)
+    assert 0 < len(llm._kv_tokens) < stream.stats.prompt_tokens
     assert llm(SHORT, config=config.replace(max_tokens=64)).text == reference[SHORT]
+
+
+def blocking_node(llm, ctx, after_tokens):
+    """A Python abort callback standing in for one long graph node: once ``after_tokens`` prompt
+    tokens are on record it blocks (once) until ``node_over`` is set or 30 s pass, then honours
+    the C flag like the built-in check. Returns (callback, in_node, node_over).
+
+    Why: ggml polls the abort flag only between nodes, and late in a long prompt one node
+    (attention over every cached position) takes 100+ ms on a slow CPU."""
+    in_node, node_over = threading.Event(), threading.Event()
+
+    def callback():
+        if len(llm._kv_tokens) >= after_tokens and not in_node.is_set():
+            in_node.set()
+            node_over.wait(30)
+        return ctx.cancel
+
+    return callback, in_node, node_over
+
+
+def thread_is_in(thread, function_name):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function_name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_cancel_ends_the_stream_while_a_graph_node_still_runs(llm, reference):
+    # The stream waits for a prefill chunk on a helper thread, so cancel() ends it at once;
+    # the chunk's decode stops at ggml's next poll and is put on record; a call that starts
+    # meanwhile waits for that decode (not ContextBusyError) and generates what a fresh LLM does.
+    stream = llm.stream(LONG_PROMPT, config=llm.config.replace(max_tokens=8))
+    ctx = llm._ctx
+    callback, in_node, node_over = blocking_node(llm, ctx, after_tokens=1)
+    ctx.set_abort_callback(callback)
+    box = {}
+    consumer = threading.Thread(target=lambda: box.update(chunks=list(stream), done_at=time.monotonic()))
+    follow_up = threading.Thread(target=lambda: box.update(text=llm(SHORT).text))
+    try:
+        consumer.start()
+        assert in_node.wait(60)
+        cancelled_at = time.monotonic()
+        llm.cancel()
+        consumer.join(10)
+        assert not consumer.is_alive() and not node_over.is_set()  # ended while the "node" ran
+        assert box["done_at"] - cancelled_at < 1.0
+        assert box["chunks"] == [] and stream.finish_reason == "cancelled"
+        follow_up.start()
+        wait_until(lambda: thread_is_in(follow_up, "_await_running_chunk"))
+    finally:
+        node_over.set()
+        follow_up.join(60) if follow_up.ident else None
+        stream._await_running_chunk()
+    assert box["text"] == reference[SHORT]
+    assert 0 < len(llm._kv_tokens)
+    ctx.set_abort_callback(None)
+
+
+def test_ctrl_c_without_the_hook_does_not_wait_for_a_prefill_chunk(llm):
+    # With no SIGINT hook, Ctrl-C is a KeyboardInterrupt in the main thread. Waiting for a
+    # helper instead of sitting in llama_decode, the main thread raises it at once; the chunk
+    # finishes in the background and is put on record, and the stream resumes where that
+    # record ends: the text is an undisturbed run's.
+    prompt = "Write a short story about a lighthouse keeper and a storm at sea. " * 8
+    config = llm.config.replace(max_tokens=12, n_ubatch=32)
+    expected = llm(prompt, config=config)
+    assert expected.stats.prompt_tokens > 64
+    stream = llm.stream(prompt, config=config)
+    ctx = stream._ctx
+    callback, in_node, node_over = blocking_node(llm, ctx, after_tokens=32)
+    ctx.set_abort_callback(callback)
+    sent = {}
+
+    def press_ctrl_c():
+        in_node.wait(60)
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    try:
+        presser.start()
+        with pytest.raises(KeyboardInterrupt):
+            next(stream)
+        raised_after = time.monotonic() - sent["at"]
+        assert not node_over.is_set() and raised_after < 5.0  # the node would have taken 30 s
+        node_over.set()
+        text = "".join(stream)
+    finally:
+        node_over.set()
+        presser.join()
+        stream._await_running_chunk()
+        ctx.set_abort_callback(None)
+    assert text == expected.text
+    assert stream.stats.generated_tokens == expected.stats.generated_tokens
 
 
 def test_context_cancel_is_a_read_write_mirror_of_the_c_flag(model):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import weakref
 
 import pytest
 
@@ -317,3 +319,28 @@ def test_closed_llm_refuses_work(model_path):
     llm.close()
     with pytest.raises(RuntimeError, match="closed"):
         llm(PROMPT)
+
+
+def test_an_unclosed_llm_is_collected_and_its_decode_thread_ends(model_path):
+    """Prompt chunks decode on a per-LLM daemon thread (docs/cancellation.md, "The prompt"); the
+    thread holds nothing of the LLM between jobs, so dropping an LLM without close() still frees
+    it, and its finalizer ends the thread."""
+    llm = LLM(model_path, temperature=0.0, max_tokens=2)
+    llm(PROMPT)
+    thread = llm._decoder._thread
+    assert thread is not None and thread.is_alive()
+    dropped = weakref.ref(llm)
+    del llm
+    for _ in range(3):  # PyPy may need more than one pass
+        gc.collect()
+    assert dropped() is None
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_close_ends_the_decode_thread(model_path):
+    llm = LLM(model_path, temperature=0.0, max_tokens=2)
+    llm(PROMPT)
+    thread = llm._decoder._thread
+    llm.close()
+    assert not thread.is_alive()
