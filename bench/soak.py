@@ -136,7 +136,7 @@ class Soak:
         text, expected = "".join(chunks), self.llm.detokenize(stream.generated)
         # a closed stream drops a trailing partial UTF-8 character that detokenize shows as U+FFFD
         consistent = text == expected or (stream.finish_reason == "cancelled" and expected.startswith(text))
-        stream._await_running_chunk()  # a cancelled prompt chunk's decode returns on the LLM's decode thread
+        stream._await_running_chunk()  # a cancelled prompt chunk's decode returns on its helper thread
         ctx = self.llm._ctx
         kv_ok = ctx is None or len(self.llm._kv_tokens) == ctx.memory_seq_pos_max(0) + 1
         return {"reason": stream.finish_reason, "tokens": len(stream.generated),

@@ -81,8 +81,6 @@ class LLM:
         self._kv_tokens: List[int] = []  # tokens whose K/V are in the cache, in order
         self._cancel_event = threading.Event()
         self._prefill_wake: Optional[threading.Event] = None  # a prefill chunk's waiter, see _Stream._prefill
-        self._decoder = DecodeWorker()  # decodes prompt chunks, see _Stream._prefill
-        weakref.finalize(self, self._decoder.stop, False)
         self._state_lock = threading.Lock()
         self._active: Optional["weakref.ReferenceType[_Stream]"] = None
         self._sigint_watchers = 0
@@ -325,7 +323,6 @@ class LLM:
             with stream._step_lock:
                 stream._superseded = True
             stream._await_running_chunk()
-        self._decoder.stop()
         if self._batch is not None:
             self._batch.close()
         self.model.close()  # closes the context first
@@ -404,6 +401,7 @@ class _Stream:
         self._prefilled = False
         self._steps: Optional[Iterator[None]] = None
         self._running_chunk: Optional[BackgroundDecode] = None  # a prefill chunk this stream stopped waiting for
+        self._running_thread: Optional[threading.Thread] = None  # the thread that decodes it
 
     @property
     def _live(self) -> bool:
@@ -571,6 +569,19 @@ class _Stream:
             ctx.memory_clear()
             llm._kv_tokens = []
             self._started = True
+        self._running_chunk = self._running_thread = None  # a retry has awaited any chunk left running
+        worker = DecodeWorker()
+        try:
+            return self._prefill_chunks(worker)
+        finally:  # a chunk left running ends its thread when it returns; else the thread ends now
+            thread = worker.stop(wait=self._running_chunk is None)
+            if self._running_chunk is not None:
+                self._running_thread = thread
+
+    def _prefill_chunks(self, worker: DecodeWorker) -> bool:
+        llm = self._llm
+        ctx = self._ctx
+        batch = self._batch
         tokens = self._prompt
         chunk = max(1, min(ctx.n_ubatch, ctx.n_batch))
         for start in range(len(llm._kv_tokens), len(tokens), chunk):
@@ -582,7 +593,7 @@ class _Stream:
             piece = tokens[start:start + chunk]
             batch.set_tokens(piece, start, logits_last=start + chunk >= len(tokens))
             job = BackgroundDecode(lambda: ctx.decode(batch), wake)
-            llm._decoder.submit(job)
+            worker.submit(job)
             try:
                 wake.wait()
             except BaseException:  # e.g. KeyboardInterrupt: raise now, the helper records the chunk
@@ -635,6 +646,9 @@ class _Stream:
         job = self._running_chunk
         if job is not None:
             job.done.wait()
+            thread = self._running_thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()  # its OpenMP pool goes with it (see background.DecodeWorker)
 
     def _finish(self, reason: str, flush: bool = True, release: bool = True) -> None:
         if self._done:
