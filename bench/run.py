@@ -127,11 +127,16 @@ def native_prompts(llm, n_prompt: int) -> Tuple[List[int], List[int]]:
     return warmup, timed  # noqa: RET504 - the unpacking checks there are exactly two runs
 
 
+def prefill_stats(llm, prompt: Union[str, Sequence[int]], n_ubatch: Optional[int] = None, n_ctx: Optional[int] = 8192):
+    """The stats of one ``llm(prompt)`` that only prefills (``n_ubatch`` None: the default's)."""
+    config = llm.config.replace(max_tokens=1, n_ctx=n_ctx, n_ubatch=n_ubatch or llm.config.n_ubatch)
+    return llm(prompt, config=config).stats
+
+
 def binding_prefill(llm, prompt: Union[str, Sequence[int]], n_ubatch: Optional[int] = None, n_ctx: Optional[int] = 8192) -> float:
     """Prefill tokens/s of one ``llm(prompt)`` (``n_ubatch`` None: the default's)."""
-    config = llm.config.replace(max_tokens=1, n_ctx=n_ctx, n_ubatch=n_ubatch or llm.config.n_ubatch)
-    response = llm(prompt, config=config)
-    return response.stats.prompt_tokens / response.stats.prompt_time
+    stats = prefill_stats(llm, prompt, n_ubatch, n_ctx)
+    return stats.prompt_tokens / stats.prompt_time
 
 
 def sample_in_fresh_process(model: Path, threads: int, kind: str, env: Optional[Dict[str, str]] = None) -> float:
@@ -273,8 +278,7 @@ def cancel_during_decoding(llm, trials: int) -> List[float]:
 
 def prefill_seconds(llm, prompt: str, n_ubatch: Optional[int] = None) -> float:
     """How long one prefill of ``prompt`` takes here: the span a random cancel moment is drawn from."""
-    config = llm.config.replace(max_tokens=1, n_ctx=8192, n_ubatch=n_ubatch or llm.config.n_ubatch)
-    return llm(prompt, config=config).stats.prompt_time
+    return prefill_stats(llm, prompt, n_ubatch).prompt_time
 
 
 def random_moments(duration: float, trials: int) -> List[float]:

@@ -413,7 +413,7 @@ class _Stream:
 
     def __next__(self) -> str:
         with self._step_lock:
-            if not self._done:
+            if self._running_chunk is not None and not self._done:
                 self._await_running_chunk()  # after an exception left a prefill chunk running
             while not self._pending:
                 if self._done:
