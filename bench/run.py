@@ -422,13 +422,31 @@ def ubatch_sweep(model: Path, threads: int, rounds: int) -> Dict[str, Any]:
 
 # -- startup ---------------------------------------------------------------------------------------
 
-def import_time(python: str, repeats: int) -> List[float]:
-    code = "import time; t = time.perf_counter(); import cyllama_cffi; print(time.perf_counter() - t)"
+def import_time(python: str, repeats: int, bare: bool = False) -> List[float]:
+    """Seconds ``import cyllama_cffi`` takes in a fresh process, its bytecode cached.
+
+    Cached because an installed package's is (pip compiles it on install); a process started
+    with ``PYTHONDONTWRITEBYTECODE=1`` and no cache would time the compiler instead (about twice
+    the figure on the machine of docs/performance.md). ``bare``: with ``-S``, so that nothing
+    ``site`` imports (an editable install's finder brings pathlib, re, typing...) is there yet:
+    everything the package needs is charged to it.
+    """
+    package_dirs = subprocess.run(
+        [python, "-c", "import os, _cffi_backend, cyllama_cffi as c; "
+                       "print(os.path.dirname(os.path.dirname(c.__file__)), os.path.dirname(_cffi_backend.__file__))"],
+        capture_output=True, text=True, check=True, cwd="/", env=_bytecode_env()).stdout.split()
+    prefix = f"import sys; sys.path[:0] = {package_dirs!r}; " if bare else ""
+    code = prefix + "import time; t = time.perf_counter(); import cyllama_cffi; print(time.perf_counter() - t)"
+    command = [python] + (["-S"] if bare else []) + ["-c", code]
     values = []
     for _ in range(repeats):
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd="/", env=_bytecode_env())
         values.append(float(out.stdout))
     return values
+
+
+def _bytecode_env() -> Dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
 
 
 def load_time(model: Path, repeats: int) -> List[float]:
@@ -608,6 +626,7 @@ def main() -> int:
               f"(median of {len(ratios)} paired ratios)", flush=True)
     if "startup" in parts:
         latency_row("import (fresh process)", import_time(sys.executable, repeats * 2), results)
+        latency_row("import (fresh process, -S)", import_time(sys.executable, repeats * 2, bare=True), results)
         latency_row("model load", load_time(model, repeats), results)
     if "pypy" in parts:
         pypy = find_pypy()

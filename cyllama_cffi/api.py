@@ -22,7 +22,6 @@ most one graph node after a cancel) and takes over; a *live* stream makes the ne
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import threading
 import time
@@ -44,7 +43,6 @@ from .sigint import SigintHandle
 from .sigint import install_sigint_handler as _install_sigint_handler
 from .streaming import TextAssembler
 
-logger = logging.getLogger("cyllama_cffi")
 
 TokenCallback = Callable[[str], Any]
 Prompt = Union[str, Sequence[int]]  # text, or token ids decoded as given

@@ -11,9 +11,11 @@ cache) is done by whichever side is still there when the decode returns.
 
 from __future__ import annotations
 
-import queue
 import threading
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:  # imported where the first worker starts: it costs the package's import ~2 ms
+    import queue
 
 Bookkeeping = Callable[[Optional[BaseException]], None]
 
@@ -77,6 +79,8 @@ class DecodeWorker:
     """
 
     def __init__(self) -> None:
+        import queue
+
         self._jobs: "queue.SimpleQueue[Optional[BackgroundDecode]]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import logging
 import os
 import threading
 import weakref
@@ -33,15 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._ffi import ffi, lib
 from ._handle import CHandle
+from ._logging import get_logger
 from .batch import LlamaBatch
 from .errors import ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
 from .model import LlamaModel
 
 if TYPE_CHECKING:
     import numpy as np
-
-logger = logging.getLogger("cyllama_cffi")
-
 
 def usable_cores() -> int:
     """Cores this process may run on (affinity/cgroup aware), not llama.cpp's fixed 4."""
@@ -52,7 +49,7 @@ def usable_cores() -> int:
 
 
 def _log_callback_error(exc_type, exc_value, traceback) -> bool:
-    logger.error("abort callback raised; aborting the decode", exc_info=(exc_type, exc_value, traceback))
+    get_logger().error("abort callback raised; aborting the decode", exc_info=(exc_type, exc_value, traceback))
     return True
 
 
@@ -344,7 +341,7 @@ class LlamaContext(CHandle):
         self._closing = True  # from now on a decode attempt is ClosedError, not ContextBusyError
         lib.cyl_cancel_set(self._cancel_state, True)  # a running decode stops at its next graph node
         if not self._busy.acquire(timeout=-1 if timeout is None else timeout):
-            logger.warning("a decode did not stop within %.1f s; leaking its context", timeout)
+            get_logger().warning("a decode did not stop within %.1f s; leaking its context", timeout)
             self._ptr = None
             self._finalizer.detach()
             return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence, Union
@@ -12,7 +11,6 @@ from ._handle import CHandle
 from .errors import ModelLoadError
 from .gguf_check import check_model_path
 
-logger = logging.getLogger("cyllama_cffi")
 
 ProgressCallback = Callable[[float], Optional[bool]]
 

@@ -7,7 +7,6 @@ measured statistics and the finish reason travel with it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
@@ -84,4 +83,6 @@ class Response:
                 "stats": self.stats.to_dict()}
 
     def to_json(self, **kwargs: Any) -> str:
+        import json  # here, not at the top: the package's import time is a target (docs/performance.md)
+
         return json.dumps(self.to_dict(), **kwargs)

@@ -42,6 +42,17 @@ def test_import_is_quiet_and_fast_in_a_fresh_process():
     assert float(result.stdout) < 2.0  # generous; the real figure is in docs/performance.md
 
 
+def test_import_leaves_logging_json_and_queue_for_first_use():
+    # Each costs the import milliseconds it only needs when a line is logged, a response is
+    # serialised or a prompt decodes; importing them at the top would pass every other test.
+    code = ("import sys\n"
+            "before = {'logging', 'json', 'queue'} & set(sys.modules)\n"
+            "import cyllama_cffi\n"
+            "print(sorted(({'logging', 'json', 'queue'} & set(sys.modules)) - before))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_loading_a_model_prints_nothing_by_default(model_path):
     code = ("from cyllama_cffi.model import LlamaModel\n"
             f"LlamaModel({str(model_path)!r}).close()\n")
