@@ -40,6 +40,7 @@ from .model import LlamaModel
 if TYPE_CHECKING:
     import numpy as np
 
+
 def usable_cores() -> int:
     """Cores this process may run on (affinity/cgroup aware), not llama.cpp's fixed 4."""
     try:
