@@ -13,7 +13,12 @@ run. This script separates the candidates, every sample a fresh process, arms in
   process is Python's, the work is llama-bench's;
 - ``bare cffi loop``: llama-bench's ``tg128`` calls (128 one-token ``llama_decode`` calls of
   random tokens from position 0) made from Python through this package's cffi module;
-- ``LLM``: the decode row's binding side (128 greedy tokens through ``LLM`` streaming).
+- ``LLM``: the decode row's binding side (128 greedy tokens through ``LLM`` streaming);
+- with ``--llama-cpp-python PYTHON`` (an interpreter that has ``llama-cpp-python`` installed,
+  e.g. built from the same pinned sdist, see docs/performance.md): that binding streaming the
+  same greedy completion, and ``LLM`` timed the same way from outside (tokens after the first
+  over the time from the first streamed chunk to the last), so the two bindings compare like
+  for like.
 
 Then, in one process and token by token (the drift between whole runs swamps a percent): a bare
 ``llama_decode`` against the shim's one-call step with its greedy argmax
@@ -33,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -42,6 +47,36 @@ from bench.run import (DECODE_PROMPT, binding_decode, machine_info, make_llm, na
                        run_llama_bench, sample_in_fresh_process, summary, write_results)
 
 N_GEN = 128
+
+# Both bindings timed from outside the same way: 128 greedy tokens streamed, tokens after the
+# first over the time from the first chunk to the 128th (each chunk is one token here;
+# llama-cpp-python adds an empty closing chunk). argv: model, threads, binding ("llama-cpp-python" or "cyllama_cffi").
+STREAM_TIMING_CHILD = r"""
+import sys, time
+model, threads, binding = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+prompt = sys.argv[4]
+if binding == "llama-cpp-python":
+    from llama_cpp import Llama
+    # flash_attn: llama.cpp's default (auto) turns it on for this model on a CPU, llama-cpp-python's
+    # default turns it off; on, both bindings run the same kernels and stream the same tokens.
+    llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=256, verbose=False,
+                flash_attn=True)
+    def chunks():
+        return llm.create_completion(prompt, max_tokens=%(n)d, temperature=0.0, stream=True)
+else:
+    sys.path.insert(0, sys.argv[5])
+    from cyllama_cffi import LLM
+    llm = LLM(model, temperature=0.0, n_threads=threads, max_tokens=%(n)d, n_ctx=256)
+    def chunks():
+        return llm.stream(prompt)
+def run():
+    stamps = [time.perf_counter() for _ in chunks()]
+    assert len(stamps) >= %(n)d, len(stamps)  # llama-cpp-python ends with an empty chunk
+    stamps = stamps[:%(n)d]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+run()
+print(run())
+""" % {"n": 128}
 
 
 def llama_bench_in_python(library: str, args: List[str]) -> int:
@@ -79,7 +114,14 @@ def bare_loop_tokens_per_second(model: Path, threads: int) -> float:
     return value
 
 
-def fresh_process_arms(model: Path, threads: int) -> Dict[str, Callable[[], float]]:
+def stream_timed(python: str, model: Path, threads: int, binding: str) -> float:
+    out = subprocess.run([python, "-c", STREAM_TIMING_CHILD, str(model), str(threads), binding, DECODE_PROMPT,
+                          str(REPO)], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def fresh_process_arms(model: Path, threads: int, llama_cpp_python: Optional[str] = None
+                       ) -> Dict[str, Callable[[], float]]:
     binary = native_bench_binary()
     library = binary.parent / "libllama-bench-impl.so"
     bench_args = ["-m", str(model), "-t", str(threads), "-p", "0", "-n", str(N_GEN), "-r", "1", "-o", "json"]
@@ -101,6 +143,10 @@ def fresh_process_arms(model: Path, threads: int) -> Dict[str, Callable[[], floa
             "LLM": lambda: sample_in_fresh_process(model, threads, "decode")}
     if not library.is_file():  # a llama.cpp tree whose llama-bench is one executable
         del arms["llama-bench in Python"]
+    if llama_cpp_python:
+        arms["llama-cpp-python (stream timed)"] = lambda: stream_timed(llama_cpp_python, model, threads,
+                                                                        "llama-cpp-python")
+        arms["LLM (stream timed)"] = lambda: stream_timed(sys.executable, model, threads, "cyllama_cffi")
     return arms
 
 
@@ -194,6 +240,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=24, help="rounds of the fresh-process arms")
     parser.add_argument("--split-sequences", type=int, default=40, help="sequences of the in-process split")
+    parser.add_argument("--llama-cpp-python", metavar="PYTHON",
+                        help="an interpreter with llama-cpp-python installed: adds that binding's arm")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "decode-arms.json"))
     args = parser.parse_args()
 
@@ -203,29 +251,30 @@ def main() -> int:
     results: Dict[str, Any] = {"machine": machine_info(), "threads": args.threads, "model": model.name,
                                "command": " ".join([Path(sys.executable).name] + sys.argv)}
     if args.rounds:  # 0: the in-process split only
-        values = rotate(fresh_process_arms(model, args.threads), args.rounds)
+        values = rotate(fresh_process_arms(model, args.threads, args.llama_cpp_python), args.rounds)
         native = values["native"]
         print(f"tg{N_GEN}, fresh processes, {args.rounds} rounds in rotation")
-        print(f"{'arm':26} {'median tok/s':>12} {'min':>7} {'of native':>10} {'paired':>8}")
+        print(f"{'arm':30} {'median tok/s':>12} {'min':>7} {'of native':>10} {'paired':>8}")
         for name, samples in values.items():
             row = summary(samples)
             row["of_native"] = statistics.median(samples) / statistics.median(native)
             row["paired"] = statistics.median(mine / theirs for mine, theirs in zip(samples, native))
             results[name] = row
-            print(f"{name:26} {row['median']:12.1f} {row['min']:7.1f} {row['of_native']:10.3f} {row['paired']:8.3f}")
+            print(f"{name:30} {row['median']:12.1f} {row['min']:7.1f} {row['of_native']:10.3f} {row['paired']:8.3f}")
 
-    split = in_process_split(model, args.threads, args.split_sequences)
-    bare = statistics.median(split["bare llama_decode"])
-    step = statistics.median(split["decode_token (shim step, argmax)"])
-    own = statistics.median(split["LLM stream step outside decode_token"])
-    rows = {"bare llama_decode": (bare, 0.0), "decode_token (shim step, argmax)": (step, step - bare),
-            "LLM stream step outside decode_token": (own, own)}
-    print(f"\nin one process, token by token ({args.split_sequences} sequences each)")
-    print(f"{'layer':38} {'median us':>10} {'adds us':>9} {'of a bare decode':>17} {'n':>6}")
-    for name, (median, adds) in rows.items():
-        results[f"in-process {name}"] = {"unit": "us", **summary(split[name]), "adds_us": adds}
-        print(f"{name:38} {median:10.1f} {adds:9.1f} {adds / bare * 100:16.2f}% {len(split[name]):6d}")
-    print(f"binding per token over a bare decode: {(step - bare + own) / bare * 100:.2f} %")
+    if args.split_sequences:  # 0: the fresh-process arms only
+        split = in_process_split(model, args.threads, args.split_sequences)
+        bare = statistics.median(split["bare llama_decode"])
+        step = statistics.median(split["decode_token (shim step, argmax)"])
+        own = statistics.median(split["LLM stream step outside decode_token"])
+        rows = {"bare llama_decode": (bare, 0.0), "decode_token (shim step, argmax)": (step, step - bare),
+                "LLM stream step outside decode_token": (own, own)}
+        print(f"\nin one process, token by token ({args.split_sequences} sequences each)")
+        print(f"{'layer':38} {'median us':>10} {'adds us':>9} {'of a bare decode':>17} {'n':>6}")
+        for name, (median, adds) in rows.items():
+            results[f"in-process {name}"] = {"unit": "us", **summary(split[name]), "adds_us": adds}
+            print(f"{name:38} {median:10.1f} {adds:9.1f} {adds / bare * 100:16.2f}% {len(split[name]):6d}")
+        print(f"binding per token over a bare decode: {(step - bare + own) / bare * 100:.2f} %")
     write_results(args.json, results)
     return 0
 
