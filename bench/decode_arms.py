@@ -76,7 +76,7 @@ def run():
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 run()
 print(run())
-""" % {"n": 128}
+""" % {"n": N_GEN}
 
 
 def llama_bench_in_python(library: str, args: List[str]) -> int:
