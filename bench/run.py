@@ -431,6 +431,7 @@ def import_time(python: str, repeats: int, bare: bool = False) -> List[float]:
     ``site`` imports (an editable install's finder brings pathlib, re, typing...) is there yet:
     everything the package needs is charged to it.
     """
+    # Also the warm-up: this first import writes the bytecode cache the timed ones read.
     package_dirs = subprocess.run(
         [python, "-c", "import os, _cffi_backend, cyllama_cffi as c; "
                        "print(os.path.dirname(os.path.dirname(c.__file__)), os.path.dirname(_cffi_backend.__file__))"],
