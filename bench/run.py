@@ -11,14 +11,17 @@ ratios (each sample against its neighbour of the other side). In the decode and 
 rows every sample of either side is a fresh process with a warm-up run, as a
 llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
-  decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128
+  decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128, each at its defaults
+            (the binding's weights in a private copy on huge pages, llama-bench's mmapped);
+            then like with like: both private on huge pages (``decode-private``), both mmapped
+            (``decode-mmap``)
   prefill   512- and 4096-token prompts through ``LLM``        vs  pp512 / pp4096, and pp4096
             again with glibc's huge pages on both sides; the binding decodes llama-bench's
             own prompt tokens (bench/native_tokens.py)
   cancel    between tokens (stream suspended), at a random moment of decoding, mid-prefill
             (cancel() from another thread), SIGINT mid-prefill (real child process)
   machinery decode with the abort callback + per-token check vs without (bench-only switch)
-  startup   import time (fresh process), model load time
+  startup   import time (fresh process), model load time (mmap, and the private copy on huge pages)
   pypy      decode/prefill rows again under PyPy, when a PyPy venv with the package exists
   ubatch    pp4096 throughput for several n_ubatch values (fresh processes, in rotation) and the
             wait for ggml's next abort poll at a random moment of that prefill (node durations)
@@ -85,10 +88,10 @@ HUGEPAGES_ENV = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def run_llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int,
-                    n_ubatch: int = 512, env: Optional[Dict[str, str]] = None) -> float:
+                    n_ubatch: int = 512, env: Optional[Dict[str, str]] = None, extra: Sequence[str] = ()) -> float:
     """tokens/s of one llama-bench repetition (``env``: its environment, None: this one's)."""
     command = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-               "-r", "1", "-ub", str(n_ubatch), "-o", "json"]
+               "-r", "1", "-ub", str(n_ubatch), "-o", "json", *extra]
     result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     rows = json.loads(result.stdout)
     return float(rows[0]["avg_ts"])
@@ -163,8 +166,8 @@ def run_sample(model: Path, threads: int, kind: str) -> float:
     llama-bench's warm-up run for the warm-up, of its timed run for the timed one). n_batch and
     n_ubatch are the binding's defaults (2048 and 512, as llama-bench's).
     """
-    llm = make_llm(model, threads)
-    if kind == "decode":
+    llm = make_llm(model, threads, **({"use_mmap": True} if kind == "decode-mmap" else {}))
+    if kind.startswith("decode"):  # decode: the default load; decode-mmap: llama.cpp's mmap
         binding_decode(llm, n_ctx=None)  # warm-up, as llama-bench's
         value = binding_decode(llm, n_ctx=None)
     else:  # prefillN, or prefillN/U for n_ubatch U
@@ -450,13 +453,13 @@ def _bytecode_env() -> Dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
 
 
-def load_time(model: Path, repeats: int) -> List[float]:
+def load_time(model: Path, repeats: int, use_mmap: bool = True) -> List[float]:
     from cyllama_cffi import LlamaModel
 
     values = []
     for _ in range(repeats):
         started = time.perf_counter()
-        LlamaModel(model).close()
+        LlamaModel(model, use_mmap=use_mmap).close()
         values.append(time.perf_counter() - started)
     return values
 
@@ -557,7 +560,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
     parser.add_argument("--sample", help=argparse.SUPPRESS)  # child of sample_in_fresh_process
     parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch",
-                        help="comma-separated rows; prefill is pp512,pp4096,pp4096-hugepages, each also on its own")
+                        help="comma-separated rows; decode is decode-default,decode-private,decode-mmap and "
+                             "prefill is pp512,pp4096,pp4096-hugepages, each also on its own")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
 
@@ -570,6 +574,8 @@ def main() -> int:
     parts = set(args.only.split(","))
     if "prefill" in parts:
         parts |= {"pp512", "pp4096", "pp4096-hugepages"}
+    if "decode" in parts:
+        parts |= {"decode-default", "decode-private", "decode-mmap"}
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         args.long_repeats = 2
@@ -578,11 +584,18 @@ def main() -> int:
     print(f"machine: {results['machine']}  threads: {args.threads}  model: {model.name}", flush=True)
 
     llm = make_llm(model, args.threads)
-    if parts & {"decode", "pp512", "pp4096", "pp4096-hugepages", "ubatch"}:
+    if parts & {"decode-default", "decode-private", "decode-mmap", "pp512", "pp4096", "pp4096-hugepages", "ubatch"}:
         binary = native_bench_binary()
-    if "decode" in parts:
+    if "decode-default" in parts:  # each side as a user gets it
         interleaved("decode tg128", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
                     lambda: sample_in_fresh_process(model, args.threads, "decode"), results)
+    if "decode-private" in parts:  # llama-bench's weights read into memory that glibc puts on huge pages
+        interleaved("decode tg128 private+huge", repeats,
+                    lambda: run_llama_bench(binary, model, args.threads, 0, 128, env=HUGEPAGES_ENV, extra=("-lm", "none")),
+                    lambda: sample_in_fresh_process(model, args.threads, "decode", env=HUGEPAGES_ENV), results)
+    if "decode-mmap" in parts:  # both on llama.cpp's mmap of the file
+        interleaved("decode tg128 mmap", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
+                    lambda: sample_in_fresh_process(model, args.threads, "decode-mmap"), results)
     for n_prompt, row_repeats in ((512, repeats), (4096, args.long_repeats)):
         if f"pp{n_prompt}" in parts:
             interleaved(f"prefill pp{n_prompt}", row_repeats,
@@ -629,6 +642,7 @@ def main() -> int:
         latency_row("import (fresh process)", import_time(sys.executable, repeats * 2), results)
         latency_row("import (fresh process, -S)", import_time(sys.executable, repeats * 2, bare=True), results)
         latency_row("model load", load_time(model, repeats), results)
+        latency_row("model load (private, huge pages)", load_time(model, repeats, use_mmap=False), results)
     if "pypy" in parts:
         pypy = find_pypy()
         if pypy is None:

@@ -4,6 +4,9 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 struct cyl_cancel {
     int flag;                  /* set by cancel(), read by the abort callback */
@@ -175,3 +178,14 @@ void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data) 
 void cyl_log_set_threshold(int level) { __atomic_store_n(&g_log_threshold, level, __ATOMIC_SEQ_CST); }
 
 void cyl_log_set_enabled(bool enabled) { __atomic_store_n(&g_log_enabled, enabled ? 1 : 0, __ATOMIC_SEQ_CST); }
+
+int cyl_advise_huge_pages(uintptr_t start, size_t length) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    return madvise((void *) start, length, MADV_HUGEPAGE);
+#else
+    (void) start;
+    (void) length;
+    errno = ENOSYS;
+    return -1;
+#endif
+}

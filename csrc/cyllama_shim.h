@@ -9,7 +9,8 @@
  *  - an argmax over logits, the pure-greedy sampling fast path, and the generation
  *    loop's step (one token decoded, the next one picked) in a single call;
  *  - a log sink that filters llama.cpp's log lines in C and forwards only the
- *    wanted ones to Python.
+ *    wanted ones to Python;
+ *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see huge_pages.py).
  *
  * The part between the CDEF markers is also fed to cffi's cdef, so it must
  * stay within what cffi's parser accepts.
@@ -18,6 +19,7 @@
 #define CYLLAMA_SHIM_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* BEGIN CDEF */
@@ -57,6 +59,11 @@ int32_t cyl_decode_token(struct llama_context *ctx, struct llama_batch *batch, l
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data);
 void cyl_log_set_threshold(int level);
 void cyl_log_set_enabled(bool enabled);
+
+/* madvise(MADV_HUGEPAGE) over [start, start + length): ask Linux to back that anonymous memory
+ * with transparent huge pages. 0 on success, -1 with errno set (ENOSYS where there is no such
+ * advice). Python has no madvise for memory it did not map itself. */
+int cyl_advise_huge_pages(uintptr_t start, size_t length);
 /* END CDEF */
 
 #endif

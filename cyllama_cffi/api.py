@@ -36,6 +36,7 @@ from .config import GenerationConfig
 from .context import LlamaContext, usable_cores
 from .errors import ClosedError, DecodeAborted
 from .gguf_check import check_model_path
+from .huge_pages import mmap_by_default
 from .model import LlamaModel
 from .response import GenerationStats, Response
 from .sampler import LlamaSampler
@@ -70,8 +71,9 @@ class LLM:
         if verbose:
             set_verbose(True)
         cfg = self.config
+        use_mmap = cfg.use_mmap if cfg.use_mmap is not None else mmap_by_default(os.path.getsize(self.model_path))
         self.model = LlamaModel(self.model_path, n_gpu_layers=cfg.n_gpu_layers, main_gpu=cfg.main_gpu,
-                                split_mode=cfg.split_mode, tensor_split=cfg.tensor_split)
+                                split_mode=cfg.split_mode, tensor_split=cfg.tensor_split, use_mmap=use_mmap)
         self.vocab = self.model.vocab
         self._ctx: Optional[LlamaContext] = None
         self._ctx_key: Any = None

@@ -8,23 +8,34 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from ._ffi import ffi, lib
 from ._handle import CHandle
+from ._logging import get_logger
 from .errors import ModelLoadError
 from .gguf_check import check_model_path
+from .huge_pages import HugePageAdvisor, supported as huge_pages_supported
 
 
 ProgressCallback = Callable[[float], Optional[bool]]
 
 class _LoadState:
-    def __init__(self, callback: Optional[ProgressCallback], cancel_event: Optional[threading.Event]):
+    def __init__(self, callback: Optional[ProgressCallback], cancel_event: Optional[threading.Event],
+                 advisor: Optional[HugePageAdvisor] = None):
         self.callback = callback
         self.cancel_event = cancel_event
+        self.advisor = advisor  # advises the weight buffers at the first callback, before they are read
         self.cancelled = False
+        self.huge_page_bytes = 0
         self.error: Optional[BaseException] = None
 
 
 @ffi.def_extern(onerror=lambda *exc: False)
 def cyl_py_progress(progress: float, user_data: Any) -> bool:
     state: _LoadState = ffi.from_handle(user_data)
+    if state.advisor is not None:
+        advisor, state.advisor = state.advisor, None
+        try:
+            state.huge_page_bytes = advisor.advise()
+        except Exception as error:  # the load is worth more than the advice
+            get_logger().debug("huge page advice failed: %r", error)
     if state.cancel_event is not None and state.cancel_event.is_set():
         state.cancelled = True
         return False
@@ -47,6 +58,11 @@ class LlamaModel(CHandle):
     process. ``progress_callback(fraction)`` may return ``False`` to stop the
     load; setting ``cancel_event`` from another thread stops it too. Both end in
     ``InterruptedError``.
+
+    ``use_mmap=False`` reads a private copy of the weights into memory; with ``huge_pages``
+    (the default) that memory is put on transparent huge pages where Linux offers them, which
+    decodes faster than the shared file mapping (see :mod:`.huge_pages`). ``huge_page_bytes``
+    says how much was advised (0 with mmap, or where there are no huge pages).
     """
 
     _kind = "model"
@@ -61,6 +77,7 @@ class LlamaModel(CHandle):
         tensor_split: Optional[Sequence[float]] = None,
         vocab_only: bool = False,
         use_mmap: bool = True,
+        huge_pages: bool = True,
         check_tensors: bool = False,
         progress_callback: Optional[ProgressCallback] = None,
         cancel_event: Optional[threading.Event] = None,
@@ -85,7 +102,8 @@ class LlamaModel(CHandle):
                 split[index] = value
             params.tensor_split = split
             keepalive.append(split)
-        state = _LoadState(progress_callback, cancel_event)
+        advisor = HugePageAdvisor() if not use_mmap and huge_pages and huge_pages_supported() else None
+        state = _LoadState(progress_callback, cancel_event, advisor)
         handle = ffi.new_handle(state)
         params.progress_callback = ffi.addressof(lib, "cyl_py_progress")
         params.progress_callback_user_data = handle
@@ -101,6 +119,8 @@ class LlamaModel(CHandle):
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the cyllama_cffi.llama log)")
         super().__init__(pointer, lib.llama_model_free)
         self.vocab_only = vocab_only
+        self.use_mmap = use_mmap
+        self.huge_page_bytes: int = state.huge_page_bytes
         self._vocab: Any = None
 
     # -- properties -------------------------------------------------------
