@@ -197,11 +197,11 @@ def _every_utf8_byte() -> str:
 EVERY_UTF8_BYTE = _every_utf8_byte()
 
 
-def probe_file(path: str) -> str:
+def probe_file(path: str, **overrides: Any) -> str:
     """What a server does with a model file: load it, generate, tokenize any text."""
     from cyllama_cffi import LLM
 
-    llm = LLM(path, temperature=0.0, max_tokens=3, n_threads=1)
+    llm = LLM(path, temperature=0.0, max_tokens=3, n_threads=1, **overrides)
     try:
         response = llm("the cat sat")
         # the generated text goes back through the tokenizer, like a client's next prompt
@@ -216,7 +216,9 @@ def probe_file_unchecked(path: str) -> str:
     """``probe_file`` with cyllama_cffi's GGUF pre-check switched off.
 
     Only for proving that a pre-check rule is needed: the file it refuses
-    really does crash llama.cpp when let through.
+    really does crash llama.cpp when let through. Loaded with llama.cpp's mmap
+    (``LlamaModel``'s default, ``use_mmap=True`` for ``LLM``): misaligned tensor
+    data crashes only there, a private copy of the weights reads it safely.
     """
     import cyllama_cffi.api
     import cyllama_cffi.model
@@ -227,7 +229,7 @@ def probe_file_unchecked(path: str) -> str:
     saved = cyllama_cffi.api.check_model_path, cyllama_cffi.model.check_model_path
     cyllama_cffi.api.check_model_path = cyllama_cffi.model.check_model_path = no_check
     try:
-        return probe_file(path)
+        return probe_file(path, use_mmap=True)
     finally:  # the worker goes on with other cases
         cyllama_cffi.api.check_model_path, cyllama_cffi.model.check_model_path = saved
 
