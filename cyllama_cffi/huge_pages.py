@@ -3,15 +3,16 @@
 A token's decode reads every weight once. In 4 KiB pages the default model's ~100 MB are
 ~25,000 pages, far more than the CPU's TLB holds, so every token pays page walks; in 2 MiB
 pages they are ~50. Linux backs *anonymous* memory that was marked with
-``madvise(MADV_HUGEPAGE)`` with such pages (THP in its default ``madvise`` mode), but not a
-file mapping (llama.cpp's default ``mmap`` load) unless the kernel was built with
-``CONFIG_READ_ONLY_THP_FOR_FS``, which Debian's is not. Loading without mmap puts the weights
+``madvise(MADV_HUGEPAGE)`` with such pages (THP in its common ``madvise`` mode), but not a
+read-only mapping of a regular file (llama.cpp's default ``mmap`` load; only kernels built with
+``CONFIG_READ_ONLY_THP_FOR_FS`` have any way to, the test VM's has none). Loading without mmap puts the weights
 in anonymous memory that ggml allocates itself, with no hook for advice. So :class:`HugePageAdvisor`
 snapshots the process's anonymous mappings before the load and compares them at llama.cpp's first
 progress callback, which comes after the weight buffers are allocated and before the first
 tensor is read: what is new then is the weights' memory, advised before a page of it is touched.
-Measured on the 2-core Zen 3 VM (docs/performance.md, session 9): 6-7 % less time per decoded
-token than the same weights through mmap, for ~100 ms more load time on the default model.
+Measured on the 2-core Zen 3 VM (docs/performance.md, session 9): 2-7 % less time per decoded
+token than the same weights through mmap (token by token in one process), for ~60-100 ms more
+load time on the default model.
 
 :func:`mmap_by_default` is the rule ``LLM`` applies when ``use_mmap`` is not given.
 """
