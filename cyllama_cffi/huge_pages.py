@@ -30,6 +30,7 @@ HUGE_PAGE = 2 << 20  # x86-64's and arm64's (4 KiB granule) transparent huge pag
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 MEMINFO = Path("/proc/meminfo")
 MAPS = Path("/proc/self/maps")
+ADVISABLE_MODES = ("always", "madvise")  # THP settings under which advised memory gets huge pages
 
 Range = Tuple[int, int]
 
@@ -65,7 +66,7 @@ def private_weights_by_default(model_bytes: int, mode: Optional[str], available:
     can be reclaimed). Bigger models keep llama.cpp's mmap, which can page weights in and out
     and shares them between processes.
     """
-    return mode in ("always", "madvise") and available is not None and 2 * model_bytes <= available
+    return mode in ADVISABLE_MODES and available is not None and 2 * model_bytes <= available
 
 
 def mmap_by_default(model_bytes: int) -> bool:
@@ -171,4 +172,4 @@ class HugePageAdvisor:
 
 def supported() -> bool:
     """Whether this process can put advised memory on huge pages at all."""
-    return sys.platform.startswith("linux") and thp_mode() in ("always", "madvise")
+    return sys.platform.startswith("linux") and thp_mode() in ADVISABLE_MODES
