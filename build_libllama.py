@@ -14,7 +14,9 @@ developer at the shell can call them separately:
 3. ``generate_cdef()``   - the cffi declarations, generated from the pinned
    headers with the C preprocessor instead of being copied by hand.
 4. ``make_ffibuilder()`` - the ``cffi.FFI`` in API mode: generated cdef, plus the
-   tiny C shim in ``csrc/`` (abort flag, SIGINT hook, log sink).
+   tiny C shim in ``csrc/`` (abort flag, SIGINT hook, log sink), a C source
+   file of its own compiled into the same extension. ``extension_settings()``
+   is what that extension is built with; setup.py hands the same to setuptools.
 
 Environment variables (all optional):
 
@@ -543,31 +545,51 @@ def shim_declarations() -> str:
     return match.group(1)
 
 
+# cyl_py_log is "Python+C": cffi then defines it with external linkage, so the shim
+# (a separate translation unit) can call it; the other two are only passed as pointers.
 PYTHON_CALLBACKS = """
-extern "Python" void cyl_py_log(int level, const char *text);
+extern "Python+C" void cyl_py_log(int level, const char *text);
 extern "Python" bool cyl_py_abort(void *user_data);
 extern "Python" bool cyl_py_progress(float progress, void *user_data);
 """
+
+
+# The C prelude of the module cffi generates: the declarations its cdef names.
+CFFI_SOURCE = '#include "llama.h"\n#include "cyllama_shim.h"\n'
+
+
+def extension_settings(native: NativeBuild, link_dir: Optional[Path] = None) -> Dict[str, List[str]]:
+    """How the extension is compiled and linked, as keyword arguments of a setuptools
+    ``Extension`` (and of cffi's ``set_source``, which passes them on to one).
+
+    ``sources`` are the C files compiled besides the one cffi generates (the shim),
+    with absolute paths: cffi compiles from a temporary directory. ``link_dir``
+    holds the libraries to link (default: native.lib_dir).
+    """
+    link_dir = link_dir or native.lib_dir
+    link_files = [str(link_dir / path.name) for path in native.library_files()]
+    if sys.platform == "darwin":
+        link_args = [*link_files, "-Wl,-rpath,@loader_path"]
+    else:
+        link_args = [*link_files, "-Wl,-rpath,$ORIGIN", "-Wl,--no-as-needed"]
+    return {
+        "sources": [str(SHIM_DIR / "cyllama_shim.c")],
+        "depends": [str(SHIM_DIR / "cyllama_shim.h")],
+        "include_dirs": [str(d) for d in native.include_dirs] + [str(SHIM_DIR)],
+        "extra_link_args": link_args,
+        "extra_compile_args": ["-O2", "-std=gnu11"],
+    }
 
 
 def make_ffibuilder(native: NativeBuild, link_dir: Optional[Path] = None):
     """Create the FFI. ``link_dir`` holds the libraries to link (default: native.lib_dir)."""
     import cffi
 
-    link_dir = link_dir or native.lib_dir
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(generate_cdef(native))
     ffibuilder.cdef(shim_declarations())
     ffibuilder.cdef(PYTHON_CALLBACKS)
-    link_files = [str(link_dir / path.name) for path in native.library_files()]
-    ffibuilder.set_source(
-        MODULE_NAME,
-        '#include "llama.h"\n#include "cyllama_shim.h"\n' + (SHIM_DIR / "cyllama_shim.c").read_text(),
-        include_dirs=[str(d) for d in native.include_dirs] + [str(SHIM_DIR)],
-        extra_link_args=[*link_files, "-Wl,-rpath,$ORIGIN", "-Wl,--no-as-needed"] if sys.platform != "darwin"
-        else [*link_files, "-Wl,-rpath,@loader_path"],
-        extra_compile_args=["-O2", "-std=gnu11"],
-    )
+    ffibuilder.set_source(MODULE_NAME, CFFI_SOURCE, **extension_settings(native, link_dir))
     return ffibuilder
 
 

@@ -32,13 +32,13 @@ class BuildLibllama(build_ext):
         temp.mkdir(parents=True, exist_ok=True)
         c_file = temp / "_libllama.c"
         ffibuilder.emit_c_code(str(c_file))
-        template = ffibuilder._assigned_source[3]  # set_source keywords
+        # The settings make_ffibuilder gave cffi's set_source, plus cffi's generated C file.
+        settings = build_libllama.extension_settings(native, link_dir=package_dir)
+        settings["sources"] = [str(c_file), *settings["sources"]]
         for extension in self.extensions:
             if extension.name == build_libllama.MODULE_NAME:
-                extension.sources = [str(c_file)]
-                extension.include_dirs = list(template["include_dirs"])
-                extension.extra_link_args = list(template["extra_link_args"])
-                extension.extra_compile_args = list(template["extra_compile_args"])
+                for name, value in settings.items():
+                    setattr(extension, name, list(value))
         super().run()
 
     def get_outputs(self):

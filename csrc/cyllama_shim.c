@@ -1,4 +1,17 @@
-/* Implementation of cyllama_shim.h; compiled into the cffi module. */
+/* Implementation of cyllama_shim.h: a source file of its own, compiled and linked
+ * into the cffi module next to the C code cffi generates. */
+
+/* sigaction and siginfo_t (POSIX) and MADV_HUGEPAGE (not POSIX) under a strict -std=c11
+ * too: nothing here includes Python.h, which would ask for them. Before any include. */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
+
+#include "ggml.h"
+#include "llama.h"
+
+#include "cyllama_shim.h"
+
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -32,7 +45,7 @@ void cyl_cancel_set(cyl_cancel *state, bool value) {
     __atomic_store_n(&state->flag, value ? 1 : 0, __ATOMIC_SEQ_CST);
 }
 
-bool cyl_cancel_sigint_seen(cyl_cancel *state) {
+static bool cyl_cancel_sigint_seen(cyl_cancel *state) {
     return __atomic_load_n(&state->watch_sigint, __ATOMIC_RELAXED)
         && __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST)
                != __atomic_load_n(&state->sigint_base, __ATOMIC_SEQ_CST);
@@ -58,6 +71,14 @@ bool cyl_abort_callback(void *data) {
 
 /* ---- SIGINT hook ------------------------------------------------------ */
 
+/* The handler the hook chains to. Not atomic, and it needs no atomics: only
+ * cyl_sigint_install writes it, and only while the hook is not the installed
+ * handler, before the sigaction call that puts the hook in place (the hook,
+ * which reads it, cannot start before that call); cyl_sigint_uninstall only
+ * reads it. The Python side (sigint.py) calls both only from the main thread,
+ * under one lock, with SIGINT blocked in that thread.
+ * What this does not cover: a hook invocation that started on another thread
+ * before an uninstall and is still running when the next install writes. */
 static struct sigaction g_previous;
 
 static void cyl_sigint_hook(int signum, siginfo_t *info, void *ucontext) {
@@ -96,10 +117,6 @@ int cyl_sigint_install(void) {
 int cyl_sigint_uninstall(void) {
     if (!cyl_sigint_hook_is_current()) return 0; /* someone replaced us: leave theirs */
     return sigaction(SIGINT, &g_previous, NULL);
-}
-
-unsigned long cyl_sigint_count(void) {
-    return __atomic_load_n(&g_sigint_count, __ATOMIC_SEQ_CST);
 }
 
 /* ---- greedy fast path ------------------------------------------------ */
@@ -149,10 +166,16 @@ int32_t cyl_decode_token(struct llama_context *ctx, struct llama_batch *batch, l
 
 /* ---- log sink --------------------------------------------------------- */
 
-static void cyl_py_log(int level, const char *text); /* extern "Python" */
+/* Defined by cffi in the generated module: extern "Python+C" in build_libllama.py's
+ * PYTHON_CALLBACKS, so it has external linkage and this file can call it. */
+void cyl_py_log(int level, const char *text);
 
+/* All three are read and written only atomically: cyl_log_sink runs on whatever
+ * thread llama.cpp or ggml logs from, several at once while a decode runs. */
 static int g_log_threshold = GGML_LOG_LEVEL_ERROR;
 static int g_log_enabled = 1;
+/* The level of the last line, for GGML_LOG_LEVEL_CONT continuations. Lines of
+ * different threads can interleave, so this is a best guess, but a race-free one. */
 static int g_log_last_level = GGML_LOG_LEVEL_INFO;
 
 /* An aborted decode is a requested outcome, not an error: llama.cpp still logs
@@ -166,10 +189,11 @@ static int cyl_is_abort_report(const char *text) {
 
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data) {
     (void)user_data;
-    int effective = (level == GGML_LOG_LEVEL_CONT) ? g_log_last_level : (int)level;
+    int effective = (level == GGML_LOG_LEVEL_CONT) ? __atomic_load_n(&g_log_last_level, __ATOMIC_RELAXED)
+                                                   : (int)level;
     if (effective == GGML_LOG_LEVEL_ERROR && text != NULL && cyl_is_abort_report(text))
         effective = GGML_LOG_LEVEL_DEBUG;
-    g_log_last_level = effective;
+    __atomic_store_n(&g_log_last_level, effective, __ATOMIC_RELAXED);
     if (text != NULL && __atomic_load_n(&g_log_enabled, __ATOMIC_SEQ_CST)
         && effective >= __atomic_load_n(&g_log_threshold, __ATOMIC_SEQ_CST))
         cyl_py_log(effective, text);

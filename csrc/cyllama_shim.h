@@ -13,7 +13,9 @@
  *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see huge_pages.py).
  *
  * The part between the CDEF markers is also fed to cffi's cdef, so it must
- * stay within what cffi's parser accepts.
+ * stay within what cffi's parser accepts; the includes above it stay outside,
+ * so the header compiles on its own (cffi gets llama.h's types from the cdef
+ * generated out of the headers).
  */
 #ifndef CYLLAMA_SHIM_H
 #define CYLLAMA_SHIM_H
@@ -21,6 +23,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "ggml.h"  /* enum ggml_log_level */
+#include "llama.h" /* struct llama_context, struct llama_batch, llama_token, llama_pos */
 
 /* BEGIN CDEF */
 typedef struct cyl_cancel cyl_cancel;
@@ -33,7 +38,6 @@ bool cyl_cancel_get(cyl_cancel *state);
 void cyl_cancel_begin(cyl_cancel *state);
 /* Whether a SIGINT caught by the hook since cyl_cancel_begin aborts this context. */
 void cyl_cancel_watch_sigint(cyl_cancel *state, bool watch);
-bool cyl_cancel_sigint_seen(cyl_cancel *state);
 /* The ggml_abort_callback; data is a cyl_cancel*. */
 bool cyl_abort_callback(void *data);
 
@@ -41,7 +45,6 @@ bool cyl_abort_callback(void *data);
 int cyl_sigint_install(void);
 int cyl_sigint_uninstall(void);
 bool cyl_sigint_hook_is_current(void);
-unsigned long cyl_sigint_count(void);
 
 /* Index of the first largest of n values: what llama.cpp's greedy sampler picks, without
  * building its n_vocab-entry candidate array every token (~60 us -> ~5 us at 49k tokens).
@@ -66,4 +69,4 @@ void cyl_log_set_enabled(bool enabled);
 int cyl_advise_huge_pages(uintptr_t start, size_t length);
 /* END CDEF */
 
-#endif
+#endif /* CYLLAMA_SHIM_H */
