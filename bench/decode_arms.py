@@ -174,7 +174,7 @@ def in_process_split(model: Path, threads: int, sequences: int) -> Dict[str, Lis
     llm = make_llm(model, threads)
     config = llm.config.replace(max_tokens=N_GEN, n_ctx=None)
     binding_decode(llm, n_ctx=None)  # creates the context and warms up
-    ctx = llm._ctx
+    ctx = llm._seq.ctx
     prompt = llm.tokenize(DECODE_PROMPT)
     prompt_buffer = ffi.new("llama_token[]", prompt)
     memory = lib.llama_get_memory(ctx._ptr)

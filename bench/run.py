@@ -20,7 +20,7 @@ llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
             own prompt tokens (bench/native_tokens.py)
   cancel    between tokens (stream suspended), at a random moment of decoding, mid-prefill
             (cancel() from another thread), SIGINT mid-prefill (real child process)
-  machinery decode with the abort callback + per-token check vs without (bench-only switch)
+  machinery decode with the C abort callback vs the same LLM with it removed
   startup   import time (fresh process), model load time (mmap, and the private copy on huge pages)
   pypy      decode/prefill rows again under PyPy, when a PyPy venv with the package exists
   ubatch    pp4096 throughput for several n_ubatch values (fresh processes, in rotation) and the
@@ -368,9 +368,9 @@ def abort_poll_times(model: Path, threads: int, tokens: Sequence[int], n_ubatch:
     ggml's CPU backend polls once per graph node (after thread 0's share of it), so the gaps
     are the node durations: a cancel landing inside a gap waits for the rest of it. A Python
     callback stamps each poll (~1 us each against nodes of milliseconds)."""
-    from cyllama_cffi.batch import LlamaBatch
-    from cyllama_cffi.context import LlamaContext
-    from cyllama_cffi.model import LlamaModel
+    from cyllama_cffi.lowlevel.batch import LlamaBatch
+    from cyllama_cffi.lowlevel.context import LlamaContext
+    from cyllama_cffi.lowlevel.model import LlamaModel
 
     stamps: List[float] = []
     clock = time.perf_counter
@@ -619,10 +619,14 @@ def main() -> int:
     if "machinery" in parts:
         # Back-to-back pairs, the order alternating, and the median of the per-pair ratios: the
         # machine's drift between pairs (several % on a shared VM) cancels out of each ratio.
+        # "Without": the same LLM with its context's abort callback removed from outside, so
+        # ggml polls nothing per graph node (the per-token Event check stays: a few ns).
+        from cyllama_cffi import ffi, lib
+
         plain = make_llm(model, args.threads)
-        plain._cancel_machinery = False
         with_values, without_values, ratios = [], [], []
-        binding_decode(plain)
+        binding_decode(plain)  # creates the context, which the same config keeps reusing
+        lib.llama_set_abort_callback(plain._seq.ctx.ptr, ffi.NULL, ffi.NULL)
         for index in range(repeats * 4):
             if index % 2:
                 without_values.append(binding_decode(plain))

@@ -10,7 +10,7 @@
  *    loop's step (one token decoded, the next one picked) in a single call;
  *  - a log sink that filters llama.cpp's log lines in C and forwards only the
  *    wanted ones to Python;
- *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see huge_pages.py).
+ *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see cyllama_cffi/_huge_pages.py).
  *
  * The part between the CDEF markers is also fed to cffi's cdef, so it must
  * stay within what cffi's parser accepts; the includes above it stay outside,

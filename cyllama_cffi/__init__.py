@@ -1,33 +1,64 @@
 """cyllama_cffi: a pure-Python (cffi) binding over llama.cpp with two-layer cancellation.
 
-High level: ``LLM`` and ``GenerationConfig`` (the cyllama API). Low level:
-``LlamaModel``, ``LlamaVocab``, ``LlamaContext``, ``LlamaBatch``,
-``LlamaSampler``, each owning one C handle. ``ffi``/``lib`` expose all of
-llama.h for anything not wrapped.
+High level: :class:`LLM` generates from a :class:`GenerationConfig`, returning a
+:class:`Response` or a :class:`Stream`; ``llm.cancel()`` stops it from any thread. Low level
+(:mod:`cyllama_cffi.lowlevel`): ``LlamaModel``, ``LlamaVocab``, ``LlamaContext``,
+``LlamaBatch``, ``LlamaSampler``, each owning one C handle. ``ffi``/``lib`` expose all of
+``llama.h`` for anything not wrapped.
+
+Names are imported on first use, so that ``import cyllama_cffi`` is quick and the pure-Python
+parts (configuration, errors, text assembly) work without the compiled module.
 """
 
-from ._ffi import ffi, lib
-from ._logging import set_verbose
-from .api import LLM
-from .batch import LlamaBatch
-from .config import GenerationConfig
-from .context import LlamaContext
-from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError,
-                     ModelLoadError)
-from .gguf_check import InvalidGGUFError
-from .model import LlamaModel
-from .response import GenerationStats, Response
-from .sampler import LlamaSampler
-from .sigint import SigintHandle, install_sigint_handler
-from .vocab import LlamaVocab
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Dict, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LLM", "GenerationConfig", "Response", "GenerationStats",
-    "LlamaModel", "LlamaVocab", "LlamaContext", "LlamaBatch", "LlamaSampler",
-    "install_sigint_handler", "SigintHandle", "set_verbose",
-    "LlamaError", "ClosedError", "ModelLoadError", "DecodeError", "ContextFullError", "DecodeAborted",
-    "ContextBusyError", "InvalidGGUFError",
-    "ffi", "lib", "__version__",
-]
+# Public name -> the module that defines it.
+_EXPORTS: Dict[str, str] = {
+    "LLM": "llm",
+    "Stream": "stream", "StreamState": "stream",
+    "GenerationConfig": "config",
+    "Response": "response", "GenerationStats": "response", "FinishReason": "response",
+    "install_sigint_handler": "sigint", "SigintHandle": "sigint",
+    "set_verbose": "_logging",
+    "default_model_path": "models",
+    "LlamaModel": "lowlevel", "LlamaVocab": "lowlevel", "LlamaContext": "lowlevel",
+    "LlamaBatch": "lowlevel", "LlamaSampler": "lowlevel",
+    "LlamaError": "errors", "ClosedError": "errors", "ModelLoadError": "errors", "InvalidGGUFError": "errors",
+    "LoadCancelled": "errors", "ModelFetchError": "errors", "DecodeError": "errors",
+    "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
+    "LLMBusyError": "errors",
+    "ffi": "_ffi", "lib": "_ffi",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from ._ffi import ffi, lib
+    from ._logging import set_verbose
+    from .config import GenerationConfig
+    from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
+                         InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
+    from .llm import LLM
+    from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab
+    from .models import default_model_path
+    from .response import FinishReason, GenerationStats, Response
+    from .sigint import SigintHandle, install_sigint_handler
+    from .stream import Stream, StreamState
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cyllama_cffi' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -25,11 +25,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .models import default_model_path
 
     model_path = default_model_path(args.model, verbose=True)
-    from .api import LLM, GenerationConfig
+    from .config import GenerationConfig
+    from .llm import LLM
 
-    # The chat template writes special tokens as text: parse them as tokens.
-    config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                              parse_special=not args.raw)
+    config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with LLM(model_path, config=config, verbose=args.verbose) as llm:
         prompt = args.prompt if args.raw else llm.format_chat([{"role": "user", "content": args.prompt}])
         with llm.install_sigint_handler():

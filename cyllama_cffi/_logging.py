@@ -6,8 +6,8 @@ C threshold to forward everything. llama.cpp emits fragments (continuation
 pieces without a newline); they are joined into whole lines here.
 
 The stdlib ``logging`` module is imported when the first line is logged, not
-with the package: with what it pulls in it is ~6 ms of an import whose budget
-is 100 ms (docs/performance.md), and a quiet run never logs.
+with the package: with what it pulls in it is ~6 ms, a large part of the
+package's import time, and a quiet run never logs.
 """
 
 from __future__ import annotations

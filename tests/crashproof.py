@@ -220,18 +220,17 @@ def probe_file_unchecked(path: str) -> str:
     (``LlamaModel``'s default, ``use_mmap=True`` for ``LLM``): misaligned tensor
     data crashes only there, a private copy of the weights reads it safely.
     """
-    import cyllama_cffi.api
-    import cyllama_cffi.model
+    import cyllama_cffi.lowlevel.model as model_module
 
     def no_check(model_path: Any) -> Path:
         return Path(os.fspath(model_path))
 
-    saved = cyllama_cffi.api.check_model_path, cyllama_cffi.model.check_model_path
-    cyllama_cffi.api.check_model_path = cyllama_cffi.model.check_model_path = no_check
+    saved = model_module.check_model_path
+    model_module.check_model_path = no_check
     try:
         return probe_file(path, use_mmap=True)
     finally:  # the worker goes on with other cases
-        cyllama_cffi.api.check_model_path, cyllama_cffi.model.check_model_path = saved
+        model_module.check_model_path = saved
 
 
 _BASES: Dict[str, bytes] = {}

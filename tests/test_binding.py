@@ -54,7 +54,7 @@ def test_import_leaves_logging_json_and_queue_for_first_use():
 
 
 def test_loading_a_model_prints_nothing_by_default(model_path):
-    code = ("from cyllama_cffi.model import LlamaModel\n"
+    code = ("from cyllama_cffi.lowlevel.model import LlamaModel\n"
             f"LlamaModel({str(model_path)!r}).close()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stderr == ""
@@ -65,7 +65,7 @@ def test_verbose_logging_reaches_python_logging(model_path):
     code = ("import logging, sys\n"
             "logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, format='%(name)s %(message)s')\n"
             "import cyllama_cffi._logging as L\n"
-            "from cyllama_cffi.model import LlamaModel\n"
+            "from cyllama_cffi.lowlevel.model import LlamaModel\n"
             "L.set_verbose(True)\n"
             f"LlamaModel({str(model_path)!r}).close()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cyllama_cffi import LLM, DecodeAborted, LlamaBatch, LlamaContext
+from cyllama_cffi import LLM, DecodeAborted, LlamaBatch, LlamaContext, LlamaError, StreamState
 
 PROMPT = "Once upon a time, in a land far away,"
 SHORT = "The capital of France is"
@@ -52,7 +52,7 @@ def start_prefill_in_thread(llm, prompt=LONG_PROMPT, config=None):
 
     worker = threading.Thread(target=run)
     worker.start()
-    wait_until(lambda: len(llm._kv_tokens) > 0)  # the first n_ubatch chunk is committed: mid-prefill
+    wait_until(lambda: len(llm._seq.tokens) > 0)  # the first n_ubatch chunk is committed: mid-prefill
     return stream, worker, box
 
 
@@ -109,10 +109,10 @@ def test_cancel_mid_prefill_returns_fast_and_follow_up_matches_fresh(llm, refere
     assert latency < 1.0, f"prefill took {latency:.3f}s to stop"  # a full prefill takes several seconds
     assert box["chunks"] == [] and stream.finish_reason == "cancelled"
     assert stream.stats.generated_tokens == 0
-    stream._await_running_chunk()  # the chunk's decode may still be returning on its helper
-    committed = len(llm._kv_tokens)
+    llm._seq.settle()  # the chunk's decode may still be returning on its helper
+    committed = len(llm._seq.tokens)
     assert 0 < committed < n_prompt  # really stopped in the middle
-    assert llm._ctx.memory_seq_pos_max(0) + 1 == committed  # KV trimmed to what was committed
+    assert llm._seq.ctx.memory_seq_pos_max(0) + 1 == committed  # KV trimmed to what was committed
     assert llm(SHORT).text == reference[SHORT]
 
 
@@ -130,19 +130,19 @@ def test_chunked_prefill_stops_even_if_the_backend_ignores_abort(llm, reference)
         return False
 
     # the context for this config exists once the stream is created
-    llm._ctx.set_abort_callback(ignore_abort)
+    llm._seq.ctx.set_abort_callback(ignore_abort)
     try:
         worker.start()
-        wait_until(lambda: ctx_holder.get("called") and len(llm._kv_tokens) > 0)
+        wait_until(lambda: ctx_holder.get("called") and len(llm._seq.tokens) > 0)
         cancelled_at = time.monotonic()
         llm.cancel()
         worker.join(30)
         assert box["done_at"] - cancelled_at < 1.0
         assert stream.finish_reason == "cancelled"
     finally:
-        stream._await_running_chunk()  # the chunk that ignored the flag runs to its end
-        llm._ctx.set_abort_callback(None)
-    assert 0 < len(llm._kv_tokens) < stream.stats.prompt_tokens
+        llm._seq.settle()  # the chunk that ignored the flag runs to its end
+        llm._seq.ctx.set_abort_callback(None)
+    assert 0 < len(llm._seq.tokens) < stream.stats.prompt_tokens
     assert llm(SHORT, config=config.replace(max_tokens=64)).text == reference[SHORT]
 
 
@@ -156,7 +156,7 @@ def blocking_node(llm, ctx, after_tokens):
     in_node, node_over = threading.Event(), threading.Event()
 
     def callback():
-        if len(llm._kv_tokens) >= after_tokens and not in_node.is_set():
+        if len(llm._seq.tokens) >= after_tokens and not in_node.is_set():
             in_node.set()
             node_over.wait(30)
         return ctx.cancel
@@ -178,7 +178,7 @@ def test_cancel_ends_the_stream_while_a_graph_node_still_runs(llm, reference):
     # the chunk's decode stops at ggml's next poll and is put on record; a call that starts
     # meanwhile waits for that decode (not ContextBusyError) and generates what a fresh LLM does.
     stream = llm.stream(LONG_PROMPT, config=llm.config.replace(max_tokens=8))
-    ctx = llm._ctx
+    ctx = llm._seq.ctx
     callback, in_node, node_over = blocking_node(llm, ctx, after_tokens=1)
     ctx.set_abort_callback(callback)
     box = {}
@@ -194,27 +194,27 @@ def test_cancel_ends_the_stream_while_a_graph_node_still_runs(llm, reference):
         assert box["done_at"] - cancelled_at < 1.0
         assert box["chunks"] == [] and stream.finish_reason == "cancelled"
         follow_up.start()
-        wait_until(lambda: thread_is_in(follow_up, "_await_running_chunk"))
+        wait_until(lambda: thread_is_in(follow_up, "settle"))
     finally:
         node_over.set()
         follow_up.join(60) if follow_up.ident else None
-        stream._await_running_chunk()
+        llm._seq.settle()
     assert box["text"] == reference[SHORT]
-    assert 0 < len(llm._kv_tokens)
+    assert 0 < len(llm._seq.tokens)
     ctx.set_abort_callback(None)
 
 
 def test_ctrl_c_without_the_hook_does_not_wait_for_a_prefill_chunk(llm):
     # With no SIGINT hook, Ctrl-C is a KeyboardInterrupt in the main thread. Waiting for a
-    # helper instead of sitting in llama_decode, the main thread raises it at once; the chunk
-    # finishes in the background and is put on record, and the stream resumes where that
-    # record ends: the text is an undisturbed run's.
+    # helper instead of sitting in llama_decode, the main thread raises it at once and the
+    # stream ends as cancelled; the chunk finishes in the background and is put on record, and
+    # the next call (which waits for it) generates an undisturbed run's text.
     prompt = "Write a short story about a lighthouse keeper and a storm at sea. " * 8
     config = llm.config.replace(max_tokens=12, n_ubatch=32)
     expected = llm(prompt, config=config)
     assert expected.stats.prompt_tokens > 64
     stream = llm.stream(prompt, config=config)
-    ctx = stream._ctx
+    ctx = llm._seq.ctx
     callback, in_node, node_over = blocking_node(llm, ctx, after_tokens=32)
     ctx.set_abort_callback(callback)
     sent = {}
@@ -231,15 +231,14 @@ def test_ctrl_c_without_the_hook_does_not_wait_for_a_prefill_chunk(llm):
             next(stream)
         raised_after = time.monotonic() - sent["at"]
         assert not node_over.is_set() and raised_after < 5.0  # the node would have taken 30 s
+        assert stream.finish_reason == "cancelled" and list(stream) == []
         node_over.set()
-        text = "".join(stream)
     finally:
         node_over.set()
         presser.join()
-        stream._await_running_chunk()
+        llm._seq.settle()
         ctx.set_abort_callback(None)
-    assert text == expected.text
-    assert stream.stats.generated_tokens == expected.stats.generated_tokens
+    assert llm(prompt, config=config).text == expected.text
 
 
 def test_context_cancel_is_a_read_write_mirror_of_the_c_flag(model):
@@ -250,7 +249,7 @@ def test_context_cancel_is_a_read_write_mirror_of_the_c_flag(model):
         batch.set_tokens([1, 2, 3], 0)
         with pytest.raises(DecodeAborted) as raised:
             ctx.decode(batch)
-        assert isinstance(raised.value, InterruptedError) and raised.value.n_past == 0
+        assert isinstance(raised.value, LlamaError) and raised.value.code == 2 and raised.value.n_past == 0
         ctx.cancel = False
         ctx.decode(batch)
         assert ctx.memory_seq_pos_max(0) == 2
@@ -310,13 +309,13 @@ def test_closed_stream_does_not_block(llm, reference):
     assert list(stream) == []
 
 
-def test_live_stream_makes_a_second_call_raise(llm, reference):
+def test_a_new_call_from_the_consuming_thread_ends_its_suspended_stream(llm, reference):
+    """The thread that consumes a stream and calls the LLM again has left that stream: the new
+    call ends it (cancelled) and runs, rather than refusing."""
     stream = llm(PROMPT, stream=True)
-    first = next(stream)
-    with pytest.raises(RuntimeError, match="still running"):
-        llm(SHORT)
-    rest = "".join(stream)  # the live stream is intact
-    assert first + rest == reference[PROMPT]
+    next(stream)
+    assert llm(SHORT).text == reference[SHORT]
+    assert stream.finish_reason == "cancelled" and list(stream) == []
 
 
 def test_garbage_collected_stream_does_not_block(llm, reference):
@@ -333,7 +332,7 @@ def test_in_flight_step_in_an_executor_is_waited_for_not_failed(llm, reference):
     stream = llm(LONG_PROMPT, stream=True, config=llm.config.replace(max_tokens=8))
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(next, stream, None)
-        wait_until(lambda: stream._started)
+        wait_until(lambda: stream.state is StreamState.RUNNING)
         llm.cancel()
         started = time.monotonic()
         response = llm(SHORT)

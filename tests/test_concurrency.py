@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from cyllama_cffi import LLM, ClosedError
+from cyllama_cffi import LLM, ClosedError, LLMBusyError, StreamState
 
 SHORT = "The capital of France is"
 PROMPT = "Once upon a time, in a land far away,"
@@ -37,13 +37,10 @@ def reference(model_path) -> Dict[str, str]:
 
 def assert_as_good_as_new(llm: LLM, reference: Dict[str, str]) -> None:
     """The KV bookkeeping matches llama.cpp's, and greedy output matches a fresh LLM's."""
-    ctx = llm._ctx
-    active = llm._active() if llm._active is not None else None
-    if hasattr(active, "_await_running_chunk"):  # a cancelled prompt chunk may still be returning
-        active._await_running_chunk()
-    del active  # an abandoned stream must stay collectable for the calls below
-    if ctx is not None:
-        assert len(llm._kv_tokens) == ctx.memory_seq_pos_max(0) + 1
+    seq = llm._seq
+    if seq is not None:
+        seq.settle()  # a cancelled prompt chunk may still be returning
+        assert len(seq.tokens) == seq.ctx.memory_seq_pos_max(0) + 1
     assert llm(SHORT).text == reference[SHORT]
     assert llm(PROMPT).text == reference[PROMPT]
 
@@ -91,8 +88,8 @@ def test_many_threads_hammering_cancel_while_generating(llm, reference):
             go.clear()
             rounds.append((prompt is LONG_PROMPT, stream.finish_reason, len(stream.generated)))
             assert text == llm.detokenize(stream.generated)
-            stream._await_running_chunk()  # a cancelled prompt chunk's decode returns on its helper
-            assert len(llm._kv_tokens) == llm._ctx.memory_seq_pos_max(0) + 1
+            llm._seq.settle()  # a cancelled prompt chunk's decode returns on its helper
+            assert len(llm._seq.tokens) == llm._seq.ctx.memory_seq_pos_max(0) + 1
     finally:
         stop.set()
         go.set()
@@ -106,16 +103,16 @@ def test_many_threads_hammering_cancel_while_generating(llm, reference):
     assert_as_good_as_new(llm, reference)
 
 
-def test_a_second_generation_from_another_thread_gets_runtime_error(llm, reference):
+def test_a_second_generation_from_another_thread_gets_llm_busy_error(llm, reference):
     stream = llm.stream(LONG_PROMPT, config=llm.config.replace(max_tokens=4))
     box: Dict[str, object] = {}
     worker = threading.Thread(target=lambda: box.update(chunks=list(stream)))
     worker.start()
     try:
-        wait_until(lambda: stream._started)  # the worker is inside the prefill
-        with pytest.raises(RuntimeError, match="still running"):
+        wait_until(lambda: stream.state is StreamState.RUNNING)  # the worker is inside the prefill
+        with pytest.raises(LLMBusyError, match="another thread.*not thread-safe"):
             llm(SHORT)
-        with pytest.raises(RuntimeError, match="still running"):
+        with pytest.raises(RuntimeError, match="another thread"):  # cyllama's type still catches it
             llm.stream(SHORT)
     finally:
         llm.cancel()
@@ -127,6 +124,7 @@ def test_a_second_generation_from_another_thread_gets_runtime_error(llm, referen
 def test_simultaneous_starts_exactly_one_wins(llm, reference):
     for _ in range(4):
         barrier = threading.Barrier(4)
+        all_tried = threading.Barrier(4)  # no thread ends (and lets go of its stream) before all tried
         results: List[object] = []
         lock = threading.Lock()
 
@@ -134,19 +132,20 @@ def test_simultaneous_starts_exactly_one_wins(llm, reference):
             barrier.wait()
             try:
                 outcome: object = llm.stream(LONG_PROMPT, config=llm.config.replace(max_tokens=4))
-            except RuntimeError as error:
+            except LLMBusyError as error:
                 outcome = error
             with lock:
                 results.append(outcome)
+            all_tried.wait()
 
         threads = [threading.Thread(target=start) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
-        winners = [r for r in results if not isinstance(r, RuntimeError)]
+        winners = [r for r in results if not isinstance(r, LLMBusyError)]
         assert len(results) == 4 and len(winners) == 1, results
-        assert all("another generation" in str(r) for r in results if isinstance(r, RuntimeError))
+        assert all("another thread" in str(r) for r in results if isinstance(r, LLMBusyError))
         winners[0].close()
     assert_as_good_as_new(llm, reference)
 
@@ -195,8 +194,8 @@ def test_abandoned_streams_never_block_the_llm(llm, reference):
     thread.join(60)
     assert llm(SHORT).text == reference[SHORT]
 
-    # 2. kept alive only by a reference cycle, with the automatic collector off: the next call
-    #    must collect it itself rather than fail with "still running"
+    # 2. kept alive only by a reference cycle, with the automatic collector off: the thread that
+    #    left it calls again, which ends it
     class Holder:
         pass
 
@@ -230,7 +229,7 @@ def test_close_from_another_thread_mid_prefill(model_path):
 
     worker = threading.Thread(target=consume)
     worker.start()
-    wait_until(lambda: len(llm._kv_tokens) > 0)  # part of the prompt is in the KV cache
+    wait_until(lambda: len(llm._seq.tokens) > 0)  # part of the prompt is in the KV cache
     started = time.monotonic()
     llm.close()
     worker.join(60)

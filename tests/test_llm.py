@@ -54,24 +54,22 @@ def test_invalid_config_values(field, value):
 
 def test_context_is_created_lazily_and_reused(model_path):
     with LLM(model_path, temperature=0.0, max_tokens=4) as llm:
-        assert llm._ctx is None
+        assert llm._seq is None
         llm(PROMPT)
-        first = llm._ctx
+        first = llm._seq.ctx
         llm(PROMPT)
-        assert llm._ctx is first
+        assert llm._seq.ctx is first
 
 
-def test_replacing_the_context_frees_a_too_small_batch_at_once(model_path):
-    """The token batch follows the context: a bigger n_batch gets a new batch and the old one is
-    freed now (not whenever a garbage collector gets to it); a smaller one reuses the batch."""
+def test_replacing_the_context_frees_its_batch_at_once(model_path):
+    """The token batch belongs to the context: a new n_batch makes a new context with a new batch,
+    and the old ones are freed now (not whenever a garbage collector gets to them)."""
     with LLM(model_path, temperature=0.0, max_tokens=2, n_batch=64) as llm:
         llm("the cat")
-        small = llm._batch
+        small, old_ctx = llm._seq.batch, llm._seq.ctx
         llm("the cat", config=llm.config.replace(n_batch=128))
-        assert small.closed and llm._batch.capacity >= 128
-        big = llm._batch
-        llm("the cat", config=llm.config.replace(n_batch=32))
-        assert llm._batch is big and not big.closed
+        assert small.closed and old_ctx.closed
+        assert llm._seq.batch.capacity >= 128 and not llm._seq.batch.closed
 
 
 def test_response_behaves_like_its_text(llm):
@@ -120,15 +118,15 @@ def test_stream_equals_non_stream(llm):
     assert "".join(llm(PROMPT, stream=True)) == llm(PROMPT).text
 
 
-def test_a_busy_context_mid_stream_repeats_and_loses_nothing(llm):
+def test_a_busy_context_mid_stream_ends_it_with_error_and_loses_nothing(llm):
     """A ContextBusyError while a stream decodes (another thread holds its context) reaches the
-    caller; the next next() decodes the same token again, so the text ends up exactly as an
-    undisturbed generation's, with no token sampled or emitted twice."""
+    caller and ends the stream with finish_reason "error"; the KV cache keeps only what is on
+    record, and the next call's text is an undisturbed generation's."""
     config = llm.config.replace(max_tokens=24)
     expected = llm(PROMPT, config=config)
     stream = llm.stream(PROMPT, config=config)
     chunks = [next(stream) for _ in range(3)]
-    busy = stream._ctx._busy
+    busy = llm._seq.ctx._busy
     busy.acquire()  # what a decode of another thread on this context holds
     try:
         with pytest.raises(ContextBusyError):
@@ -136,14 +134,9 @@ def test_a_busy_context_mid_stream_repeats_and_loses_nothing(llm):
                 chunks.append(next(stream))
     finally:
         busy.release()
-    rest: list = []
-    drain = threading.Thread(target=lambda: rest.extend(stream), daemon=True)
-    drain.start()
-    drain.join(timeout=60)
-    assert not drain.is_alive(), "the stream did not finish after the busy error"
-    assert "".join(chunks + rest) == expected.text
-    assert stream.stats.generated_tokens == expected.stats.generated_tokens
-    assert stream.finish_reason == expected.finish_reason
+    assert stream.finish_reason == "error" and list(stream) == []
+    assert expected.text.startswith("".join(chunks))
+    assert llm(PROMPT, config=config).text == expected.text
 
 
 def _interrupt_call(ctx, method: str, call_number: int) -> list:
@@ -172,62 +165,57 @@ def test_the_first_chunk_arrives_before_its_token_is_decoded(llm):
     stream = llm.stream(PROMPT)
     try:
         assert next(stream)
-        assert stream._ctx.memory_seq_pos_max(0) == stream.stats.prompt_tokens - 1
+        assert llm._seq.ctx.memory_seq_pos_max(0) == stream.stats.prompt_tokens - 1
         assert next(stream)
-        assert stream._ctx.memory_seq_pos_max(0) == stream.stats.prompt_tokens
+        assert llm._seq.ctx.memory_seq_pos_max(0) == stream.stats.prompt_tokens
     finally:
         stream.close()
 
 
-def test_an_interrupted_prefill_resumes_where_its_record_ends(llm):
-    """A KeyboardInterrupt after a prefill chunk's decode returned reaches the caller; the next
-    next() cuts that unrecorded chunk from the KV cache, decodes it again and carries on with
-    the rest of the prompt (neither restarting the prefill nor skipping it)."""
+def test_an_interrupted_prefill_ends_the_stream_and_the_cache_matches_the_record(llm):
+    """A KeyboardInterrupt after a prefill chunk's decode returned but before it was on record
+    (Ctrl-C with no SIGINT hook) reaches the caller and ends the stream as cancelled; the next
+    call cuts the unrecorded chunk from the KV cache and generates an undisturbed text."""
     prompt = "Write a short story about a lighthouse keeper and a storm at sea."
     config = llm.config.replace(max_tokens=12, n_ubatch=4)
     expected = llm(prompt, config=config)
-    n_chunks = -(-expected.stats.prompt_tokens // 4)
-    assert n_chunks >= 3
     stream = llm.stream(prompt, config=config)
-    ctx = stream._ctx
+    ctx = llm._seq.ctx
     calls = _interrupt_call(ctx, "decode", 2)
     try:
         with pytest.raises(KeyboardInterrupt):
             next(stream)
-        text = "".join(stream)
     finally:
         del ctx.decode
-    assert len(calls) == n_chunks + 1  # every chunk once, the interrupted one twice
-    assert text == expected.text
-    assert stream.stats.generated_tokens == expected.stats.generated_tokens
+    assert stream.finish_reason == "cancelled" and list(stream) == []
+    llm._seq.settle()
+    assert len(llm._seq.tokens) == 4  # the first chunk; the second decoded but is not on record
+    assert ctx.memory_seq_pos_max(0) + 1 == 4  # and the cache was cut back to the record
+    assert llm(prompt, config=config).text == expected.text
 
 
-def test_an_interrupt_after_a_token_decode_loses_nothing(llm):
+def test_an_interrupt_after_a_token_decode_ends_the_stream_and_loses_nothing(llm):
     """A KeyboardInterrupt after a token's decode returned, before the stream recorded it: the
-    next next() drops that token from the KV cache and decodes it again, so the text is an
-    undisturbed generation's and nothing is sampled or emitted twice."""
+    stream ends as cancelled with the text emitted so far, the cache is cut back to the record,
+    and the next call generates the undisturbed text."""
     config = llm.config.replace(max_tokens=24)
-    undisturbed = llm.stream(PROMPT, config=config)
-    baseline = _interrupt_call(undisturbed._ctx, "decode_token", 0)
-    try:
-        expected = "".join(undisturbed)
-    finally:
-        del undisturbed._ctx.decode_token
+    expected = llm(PROMPT, config=config).text
     stream = llm.stream(PROMPT, config=config)
-    ctx = stream._ctx
-    calls = _interrupt_call(ctx, "decode_token", 5)
+    ctx = llm._seq.ctx
+    _interrupt_call(ctx, "decode_token", 5)
     chunks: list = []
     try:
         with pytest.raises(KeyboardInterrupt):
             for chunk in stream:
                 chunks.append(chunk)
-        chunks.extend(stream)
     finally:
         del ctx.decode_token
-    assert "".join(chunks) == expected
-    assert stream.stats.generated_tokens == undisturbed.stats.generated_tokens
-    assert len(calls) == len(baseline) + 1
-    assert [args[1:3] for args in calls[5:]] == [args[1:3] for args in baseline[4:]]
+    assert stream.finish_reason == "cancelled" and expected.startswith("".join(chunks))
+    recorded = len(llm._seq.tokens)
+    assert ctx.memory_seq_pos_max(0) + 1 == recorded + 1  # one decode is not on record yet
+    llm._seq.settle()
+    assert ctx.memory_seq_pos_max(0) + 1 == recorded
+    assert llm(PROMPT, config=config).text == expected
 
 
 def test_on_token_sees_every_chunk(llm):
@@ -304,7 +292,7 @@ def test_default_micro_batch_is_llama_cpp_default(llm):
     native_default = lib.llama_context_default_params().n_ubatch
     assert GenerationConfig().n_ubatch == native_default == 512
     llm("Hi", config=llm.config.replace(max_tokens=1, n_ctx=1024))  # llama.cpp caps it at n_ctx
-    assert llm._ctx.n_ubatch == native_default
+    assert llm._seq.ctx.n_ubatch == native_default
 
 
 def test_generation_stats_defaults():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from cyllama_cffi._ffi import lib
-from cyllama_cffi.batch import LlamaBatch
-from cyllama_cffi.context import LlamaContext, usable_cores
-from cyllama_cffi.errors import ClosedError, ContextBusyError, DecodeAborted
-from cyllama_cffi.model import LlamaModel
-from cyllama_cffi.sampler import LlamaSampler
+from cyllama_cffi.lowlevel.batch import LlamaBatch
+from cyllama_cffi.lowlevel.context import LlamaContext, usable_cores
+from cyllama_cffi.errors import ClosedError, ContextBusyError, DecodeAborted, LoadCancelled
+from cyllama_cffi.lowlevel.model import LlamaModel
+from cyllama_cffi.lowlevel.sampler import LlamaSampler
 
 PROMPT = "The capital of France is"
 
@@ -69,7 +69,7 @@ def test_greedy_fast_path_picks_what_llama_cpp_greedy_picks(model):
     def slow() -> LlamaSampler:
         return LlamaSampler().add_top_k(0).add_greedy()
 
-    assert fast()._greedy_only and not slow()._greedy_only
+    assert fast().greedy_only and not slow().greedy_only
     prompts = [PROMPT, "Once upon a time, in a land far away,", "def fibonacci(n):", "1, 2, 3, 5, 8,"]
     for prompt in prompts:
         assert greedy_continuation(model, prompt, 48, fast()) == greedy_continuation(model, prompt, 48, slow())
@@ -315,11 +315,11 @@ def test_model_load_reports_progress(model_path):
 
 
 def test_model_load_can_be_cancelled(model_path):
-    with pytest.raises(InterruptedError, match="cancelled"):
+    with pytest.raises(LoadCancelled, match="cancelled"):
         LlamaModel(model_path, progress_callback=lambda progress: False)
     event = threading.Event()
     event.set()
-    with pytest.raises(InterruptedError):
+    with pytest.raises(LoadCancelled):
         LlamaModel(model_path, cancel_event=event)
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import robustness_cases
 from crashproof import Case, Outcome, Worker, mutant_case
-from cyllama_cffi.gguf_check import InvalidGGUFError, check_gguf
+from cyllama_cffi._gguf_check import InvalidGGUFError, check_gguf
 from tiny_gguf import TinySpec, bpe_vocabulary, field_map, header_size, vocabulary, write_tiny_llama
 
 FUZZ_EXAMPLES = int(os.environ.get("CYLLAMA_FUZZ_EXAMPLES", "300"))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cyllama_cffi import LLM
-from cyllama_cffi.streaming import TextAssembler
+from cyllama_cffi._text import TextAssembler
 
 
 @settings(max_examples=300, deadline=None)

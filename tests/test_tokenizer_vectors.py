@@ -39,7 +39,7 @@ def test_the_pinned_source_has_vocab_vectors(llama_cpp_dir):
 
 @pytest.mark.parametrize("vocab", vocab_files(), ids=lambda p: p.name[len("ggml-vocab-"):-len(".gguf")])
 def test_vocab_reproduces_upstream_vectors(vocab, record_property):
-    from cyllama_cffi.model import LlamaModel
+    from cyllama_cffi.lowlevel.model import LlamaModel
 
     cases = read_cases(vocab)
     with LlamaModel(vocab, vocab_only=True) as model:

@@ -15,6 +15,8 @@ import struct
 from pathlib import Path
 from typing import Dict, NamedTuple, Tuple, Union
 
+from .errors import InvalidGGUFError
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -35,10 +37,6 @@ class _Array(NamedTuple):
     element_type: int
     count: int
     start: int
-
-
-class InvalidGGUFError(ValueError):
-    """The file is not a GGUF file llama.cpp can safely read."""
 
 
 class _Reader:
@@ -219,7 +217,7 @@ def _check(reader: _Reader) -> Dict[str, object]:
         if offset + nbytes > data_size:
             raise reader.fail(f"tensor {name} needs bytes {offset}..{offset + nbytes} "
                               f"but the data section holds {data_size}")
-    from .gguf_semantics import check_metadata  # what llama.cpp asserts on, beyond the structure
+    from ._gguf_semantics import check_metadata  # what llama.cpp asserts on, beyond the structure
 
     check_metadata(reader.data, metadata, lambda what: InvalidGGUFError(f"{reader.path}: {what}"))
     return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": alignment}

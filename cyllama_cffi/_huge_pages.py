@@ -5,16 +5,13 @@ A token's decode reads every weight once. In 4 KiB pages the default model's ~10
 pages they are ~50. Linux backs *anonymous* memory that was marked with
 ``madvise(MADV_HUGEPAGE)`` with such pages (THP in its common ``madvise`` mode), but not a
 read-only mapping of a regular file (llama.cpp's default ``mmap`` load; only kernels built with
-``CONFIG_READ_ONLY_THP_FOR_FS`` have any way to, the test VM's has none). Loading without mmap puts the weights
+``CONFIG_READ_ONLY_THP_FOR_FS`` have any way to). Loading without mmap puts the weights
 in anonymous memory that ggml allocates itself, with no hook for advice. So :class:`HugePageAdvisor`
 snapshots the process's anonymous mappings before the load and compares them at llama.cpp's first
 progress callback, which comes after the weight buffers are allocated and before the first
 tensor is read: what is new then is the weights' memory, advised before a page of it is touched.
-Measured on the 2-core Zen 3 VM (docs/performance.md, session 9): 2-7 % less time per decoded
-token than the same weights through mmap (token by token in one process), for ~60-100 ms more
-load time on the default model.
-
-:func:`mmap_by_default` is the rule ``LLM`` applies when ``use_mmap`` is not given.
+Measured on a 2-core CPU: 2-7 % less time per decoded token than the same weights through
+mmap, for a slower load and private memory (docs/performance.md). ``use_mmap=False`` opts in.
 """
 
 from __future__ import annotations
@@ -56,22 +53,6 @@ def mem_available(meminfo_file: Path = MEMINFO) -> Optional[int]:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def private_weights_by_default(model_bytes: int, mode: Optional[str], available: Optional[int]) -> bool:
-    """Whether ``LLM`` loads a private copy of the weights (``use_mmap=False``) by default.
-
-    Only where it pays and cannot hurt: the kernel gives huge pages to advised memory, and the
-    copy takes at most half of the memory available now (the file's page cache, the other copy,
-    can be reclaimed). Bigger models keep llama.cpp's mmap, which can page weights in and out
-    and shares them between processes.
-    """
-    return mode in ADVISABLE_MODES and available is not None and 2 * model_bytes <= available
-
-
-def mmap_by_default(model_bytes: int) -> bool:
-    """``LLM``'s ``use_mmap`` when the config leaves it None: see :func:`private_weights_by_default`."""
-    return not private_weights_by_default(model_bytes, thp_mode(), mem_available())
 
 
 def anonymous_ranges(maps_text: str) -> List[Range]:

@@ -30,12 +30,13 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ._ffi import ffi, lib
+from .._ffi import ffi, lib
 from ._handle import CHandle
-from ._logging import get_logger
+from .._logging import get_logger
 from .batch import LlamaBatch
-from .errors import ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
+from ..errors import ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
 from .model import LlamaModel
+from .vocab import check_token_ids, out_of_vocabulary
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,7 +78,6 @@ class LlamaContext(CHandle):
         n_threads_batch: Optional[int] = None,
         n_seq_max: int = 1,
         embeddings: bool = False,
-        seed: Optional[int] = None,
     ) -> None:
         if model.vocab_only:
             raise ValueError("cannot create a context for a vocab_only model (it has no weights)")
@@ -173,10 +173,6 @@ class LlamaContext(CHandle):
         self._py_abort_handle = ffi.new_handle(self)
         lib.llama_set_abort_callback(pointer, ffi.addressof(lib, "cyl_py_abort"), self._py_abort_handle)
 
-    def _remove_abort_callback(self) -> None:
-        """No abort check at all (benchmarks measure what the check costs)."""
-        lib.llama_set_abort_callback(self.ptr, ffi.NULL, ffi.NULL)
-
     # -- exclusive use ---------------------------------------------------------
     def _acquire(self) -> Any:
         """Take the busy lock and return the live pointer; release with ``self._busy.release()``.
@@ -218,15 +214,7 @@ class LlamaContext(CHandle):
             raise ValueError("cannot decode an empty batch")
         if count > self.n_batch:
             raise ValueError(f"batch has {count} tokens but the context's n_batch is {self.n_batch}")
-        if count == 1:
-            token = holder.token[0]
-            if not 0 <= token < self._n_vocab:
-                raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
-        else:
-            tokens = batch.token_list()
-            if min(tokens) < 0 or max(tokens) >= self._n_vocab:
-                bad = next(t for t in tokens if not 0 <= t < self._n_vocab)
-                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self._n_vocab})")
+        check_token_ids(batch.token_list(), self._n_vocab)
         pointer = self._acquire()
         try:
             self._logit_rows = ()
@@ -253,7 +241,7 @@ class LlamaContext(CHandle):
         Raises as :meth:`decode` does.
         """
         if not 0 <= token < self._n_vocab:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
+            raise out_of_vocabulary(token, self._n_vocab)
         holder = batch.ptr
         pointer = self._acquire()
         try:

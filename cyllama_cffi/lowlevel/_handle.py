@@ -13,7 +13,7 @@ import threading
 import weakref
 from typing import Any, Callable, Optional
 
-from .errors import ClosedError
+from ..errors import ClosedError
 
 
 class CHandle:
@@ -43,9 +43,6 @@ class CHandle:
         """Close this object before ``parent`` is closed."""
         parent._dependents.add(self)
 
-    def _before_close(self) -> None:
-        """Hook for subclasses: stop work that uses the pointer (e.g. wait for a decode)."""
-
     def close(self) -> None:
         """Free the C object now. Idempotent; dependents are closed first."""
         with self._close_lock:
@@ -53,7 +50,6 @@ class CHandle:
                 return
             for dependent in list(self._dependents):
                 dependent.close()
-            self._before_close()
             self._ptr = None
             self._finalizer()
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from ._ffi import ffi, lib
+from .._ffi import ffi, lib
 from ._handle import CHandle
+from .vocab import check_token_ids
 
 if TYPE_CHECKING:
     from .context import LlamaContext
@@ -33,15 +34,18 @@ class LlamaSampler(CHandle):
         super().__init__(pointer, lib.llama_sampler_free)
         self.stages: list = []
         self._n_vocab: Optional[int] = None  # set by stages that look token ids up (grammar)
-        self._greedy_only = False  # a chain of just "greedy" samples by argmax in the shim
 
     def _add(self, name: str, sampler) -> "LlamaSampler":
         if sampler == ffi.NULL:
             raise ValueError(f"llama.cpp could not create the {name} sampler")
         lib.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it now
         self.stages.append(name)
-        self._greedy_only = self.stages == ["greedy"]
         return self
+
+    @property
+    def greedy_only(self) -> bool:
+        """A chain of just ``greedy``: its choice is the first largest logit, and accept() is a no-op."""
+        return self.stages == ["greedy"]
 
     # -- terminal stages --------------------------------------------------------
     def add_greedy(self) -> "LlamaSampler":
@@ -103,7 +107,7 @@ class LlamaSampler(CHandle):
         pointer = self.ptr
         context_pointer = context._acquire()  # ContextBusyError / ClosedError
         try:
-            if self._greedy_only:
+            if self.greedy_only:
                 # llama_sampler_sample would fill an n_vocab-entry candidate array first
                 # (~60 us a token at 49k); the first maximum is the same token.
                 logits = lib.llama_get_logits_ith(context_pointer, index)
@@ -122,8 +126,8 @@ class LlamaSampler(CHandle):
         A grammar stage looks the id up in its vocabulary and aborts the process
         for one outside it, so with a grammar the id is checked first.
         """
-        if self._n_vocab is not None and not 0 <= token < self._n_vocab:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {self._n_vocab})")
+        if self._n_vocab is not None:
+            check_token_ids([token], self._n_vocab)
         lib.llama_sampler_accept(self.ptr, token)
 
     def reset(self) -> None:

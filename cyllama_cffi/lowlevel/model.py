@@ -6,12 +6,12 @@ import os
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-from ._ffi import ffi, lib
+from .._ffi import ffi, lib
 from ._handle import CHandle
-from ._logging import get_logger
-from .errors import ModelLoadError
-from .gguf_check import check_model_path
-from .huge_pages import HugePageAdvisor, supported as huge_pages_supported
+from .._logging import get_logger
+from ..errors import LoadCancelled, ModelLoadError
+from .._gguf_check import check_model_path
+from .._huge_pages import HugePageAdvisor, supported as huge_pages_supported
 
 
 ProgressCallback = Callable[[float], Optional[bool]]
@@ -57,7 +57,7 @@ class LlamaModel(CHandle):
     malformed GGUF), because some malformed files make llama.cpp abort the
     process. ``progress_callback(fraction)`` may return ``False`` to stop the
     load; setting ``cancel_event`` from another thread stops it too. Both end in
-    ``InterruptedError``.
+    ``LoadCancelled``.
 
     ``use_mmap=False`` reads a private copy of the weights into memory; with ``huge_pages``
     (the default) that memory is put on transparent huge pages where Linux offers them, which
@@ -115,7 +115,7 @@ class LlamaModel(CHandle):
             raise state.error
         if pointer == ffi.NULL:
             if state.cancelled:
-                raise InterruptedError(f"loading {self.path} was cancelled")
+                raise LoadCancelled(f"loading {self.path} was cancelled")
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the cyllama_cffi.llama log)")
         super().__init__(pointer, lib.llama_model_free)
         self.vocab_only = vocab_only

@@ -9,12 +9,27 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING, Dict, Iterable, List, Sequence, Union
 
-from ._ffi import ffi, lib
+from .._ffi import ffi, lib
 
 if TYPE_CHECKING:
     from .model import LlamaModel
 
 _INT32_MIN = -(2 ** 31)
+
+
+def check_token_ids(tokens: Sequence[int], n_vocab: int) -> None:
+    """Raise ``ValueError`` for the first id outside ``[0, n_vocab)``.
+
+    The one range check of the package: llama.cpp aborts the process for such ids when it
+    detokenizes or samples them, and rejects them only inside ``llama_decode`` otherwise.
+    """
+    if tokens and (min(tokens) < 0 or max(tokens) >= n_vocab):
+        raise out_of_vocabulary(next(t for t in tokens if not 0 <= t < n_vocab), n_vocab)
+
+
+def out_of_vocabulary(token: int, n_vocab: int) -> ValueError:
+    """The error for one token id outside the vocabulary (for hot paths that compare inline)."""
+    return ValueError(f"token id {token} is outside the vocabulary [0, {n_vocab})")
 
 
 class LlamaVocab:
@@ -69,15 +84,13 @@ class LlamaVocab:
         """Return ``token`` as int if it is a valid id, else raise ``ValueError``."""
         token = int(token)
         if not 0 <= token < self.n_tokens:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.n_tokens})")
+            raise out_of_vocabulary(token, self.n_tokens)
         return token
 
     def check_tokens(self, tokens: Iterable[int]) -> "array[int]":
         """Tokens as a contiguous int32 array, all ids checked."""
         values = [int(t) for t in tokens]
-        if values and (min(values) < 0 or max(values) >= self.n_tokens):
-            bad = next(t for t in values if not 0 <= t < self.n_tokens)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.n_tokens})")
+        check_token_ids(values, self.n_tokens)
         return array("i", values)
 
     def is_eog(self, token: int) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from array import array
 from typing import Sequence
 
-from ._ffi import ffi, lib
+from .._ffi import ffi, lib
 from ._handle import CHandle
 
 

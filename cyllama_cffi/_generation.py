@@ -1,0 +1,142 @@
+"""The generation path: the prompt's prefill, then the token loop, yielding text.
+
+:func:`generate` is a generator: what it yields is what the stream's consumer gets, and its
+return value is the :class:`FinishReason`. It owns no state beyond its local variables and its
+sampler: what the KV cache holds is on the :class:`KVSequence`'s record, what was generated is
+appended to the ``generated`` list its caller passes in, and cancellation is read from the
+LLM's :class:`Cancellation`. It never cleans up the context: an exception between a decode and
+its record leaves a cell the record does not list, and the next generation cuts the cache back
+to the record (``KVSequence.settle``) before it starts, in its own thread, when nothing else
+runs. So a stream abandoned anywhere, even one the garbage collector finalizes later, never
+touches the context again.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Generator, List, Sequence
+
+from ._background import HelperThread, Job
+from ._ffi import ffi
+from ._cancel import Cancellation
+from ._sequence import KVSequence
+from ._text import TextAssembler
+from .errors import DecodeAborted
+from .lowlevel.sampler import LlamaSampler
+from .response import FinishReason
+
+
+class Progress:
+    """What a running generation has done so far, for its stream's stats."""
+
+    __slots__ = ("generated", "prompt_done_at")
+
+    def __init__(self) -> None:
+        self.generated: List[int] = []
+        self.prompt_done_at = 0.0  # time.perf_counter() when the prompt was in the cache
+
+
+def generate(seq: KVSequence, prompt: Sequence[int], sampler: LlamaSampler, stop_sequences: Sequence[str],
+             max_tokens: int, n_ctx: int, cancel: Cancellation,
+             progress: Progress) -> Generator[str, None, FinishReason]:
+    """Decode ``prompt`` into ``seq`` (which must hold a prefix of it), then generate.
+
+    ``n_ctx``: how many positions the sequence may use in all. ``sampler`` is closed when the
+    generation ends, however it ends.
+    """
+    assembler = TextAssembler(stop_sequences)
+    try:
+        if not prefill(seq, prompt, cancel):
+            return FinishReason.CANCELLED
+        progress.prompt_done_at = time.perf_counter()
+        reason = yield from _tokens(seq, sampler, assembler, max_tokens, n_ctx, cancel, progress.generated)
+    finally:
+        sampler.close()  # the generation owns its sampler chain
+    tail = assembler.finish()  # held back: a partial character, a prefix of a stop sequence
+    if tail:
+        yield tail
+    return reason
+
+
+def prefill(seq: KVSequence, prompt: Sequence[int], cancel: Cancellation) -> bool:
+    """Decode the prompt tokens the sequence does not hold yet; False when cancelled.
+
+    A micro-batch (``n_ubatch`` tokens) at a time, each on a helper thread while this one waits
+    in ``cancel.wait``: a cancel returns at once, even while a graph node runs for a hundred
+    milliseconds more; the chunk's decode stops at ggml's next node, on its own, and puts what
+    reached the cache on record. If this thread stops waiting (a cancel, a
+    ``KeyboardInterrupt``), the chunk is left running on the sequence, which waits for it
+    before the context is used again.
+    """
+    ctx = seq.ctx
+    step = max(1, min(ctx.n_ubatch, ctx.n_batch))
+    helper = HelperThread()
+    running = None
+    try:
+        for start in range(len(seq.tokens), len(prompt), step):
+            if cancel.is_requested():
+                return False
+            chunk = functools.partial(seq.decode_chunk, prompt[start:start + step], start + step >= len(prompt))
+            job = running = helper.submit(Job(chunk))
+            cancel.wait(job.wake)
+            if not job.done.is_set():  # woken by a cancel: the decode stops on its own
+                return False
+            running = None
+            if isinstance(job.error, DecodeAborted):
+                return False
+            if job.error is not None:
+                raise job.error
+        return True
+    finally:
+        thread = helper.stop()
+        if running is not None:
+            seq.leave_running(running, thread)
+        elif thread is not None:
+            thread.join()
+
+
+def _tokens(seq: KVSequence, sampler: LlamaSampler, assembler: TextAssembler, max_tokens: int, n_ctx: int,
+            cancel: Cancellation, generated: List[int]) -> Generator[str, None, FinishReason]:
+    """Sample, emit, decode; one iteration a token.
+
+    Everything a token needs is looked up once, before the loop: the Python part of a token
+    runs right after a decode has streamed the weights through the CPU caches, where every
+    attribute lookup is a cache miss.
+    """
+    ctx = seq.ctx
+    batch = seq.batch
+    kv_tokens = seq.tokens
+    cancelled = cancel.is_requested
+    is_eog = ctx.vocab.is_eog
+    piece_bytes = ctx.vocab.piece_bytes
+    feed = assembler.feed
+    decode_token = ctx.decode_token
+    # A greedy chain picks the next token inside the decode's own C call; others sample after it.
+    chosen = ffi.new("int32_t *") if sampler.greedy_only else None
+    token = sampler.sample(ctx)
+    while True:
+        if cancelled():
+            return FinishReason.CANCELLED
+        if len(generated) >= max_tokens:
+            return FinishReason.LENGTH
+        if is_eog(token):
+            return FinishReason.STOP
+        generated.append(token)
+        text = feed(piece_bytes(token))
+        if text:
+            # Out before its token's decode: the first chunk follows the prefill at once, and
+            # a consumer that stops here pays for no extra decode.
+            yield text
+        if assembler.stopped:
+            return FinishReason.STOP
+        if len(generated) >= max_tokens or len(kv_tokens) >= n_ctx:
+            return FinishReason.LENGTH
+        if cancelled():
+            return FinishReason.CANCELLED
+        try:
+            decode_token(batch, token, len(kv_tokens), chosen)
+        except DecodeAborted:
+            return FinishReason.CANCELLED
+        kv_tokens.append(token)
+        token = chosen[0] if chosen is not None and chosen[0] >= 0 else sampler.sample(ctx)

@@ -1,0 +1,288 @@
+"""``LLM``: a model ready to generate, the owner of its context, and the one to cancel.
+
+One generation at a time per ``LLM``. A call while another stream of the same LLM is being
+consumed by a live thread raises :class:`LLMBusyError`; a stream that was finished,
+cancelled, closed, or left behind by its own thread (``break``, an exception, Ctrl-C, a
+dropped reference) or by a thread that has died is ended by the new call, which then waits at
+most for one graph node of a decode still running for it. See ``docs/cancellation.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import _generation
+from ._cancel import Cancellation
+from ._logging import set_verbose
+from ._sequence import KVSequence
+from .chat import format_chat
+from .config import GenerationConfig
+from .errors import ClosedError, LLMBusyError
+from .lowlevel.batch import LlamaBatch
+from .lowlevel.context import LlamaContext, usable_cores
+from .lowlevel.model import LlamaModel
+from .response import FinishReason, GenerationStats, Response
+from .sampling import build_sampler
+from .sigint import SigintHandle
+from .sigint import install_sigint_handler as _install_sigint_handler
+from .stream import Stream, TokenCallback
+
+__all__ = ["LLM", "Prompt"]
+
+Prompt = Union[str, Sequence[int]]  # text, or token ids decoded as given
+
+# Model-level settings: changing them needs a new model, not just a new context.
+_MODEL_FIELDS = ("n_gpu_layers", "main_gpu", "split_mode", "tensor_split", "use_mmap")
+
+
+class LLM:
+    """A model ready to generate text.
+
+    ``LLM(model_path, config=None, verbose=False, **overrides)``: fields in ``overrides``
+    replace those of ``config`` (unknown names raise ``TypeError``). The file is checked before
+    llama.cpp reads it (``InvalidGGUFError``).
+    """
+
+    def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
+                 verbose: bool = False, **overrides: Any) -> None:
+        base = config if config is not None else GenerationConfig()
+        if not isinstance(base, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(base).__name__}")
+        self.config = base.replace(**overrides) if overrides else base.replace()
+        self.verbose = verbose
+        if verbose:
+            set_verbose(True)
+        cfg = self.config
+        self.model = LlamaModel(model_path, n_gpu_layers=cfg.n_gpu_layers, main_gpu=cfg.main_gpu,
+                                split_mode=cfg.split_mode, tensor_split=cfg.tensor_split, use_mmap=cfg.use_mmap)
+        self.model_path = str(self.model.path)
+        self.vocab = self.model.vocab
+        self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
+        self._ctx_key: Any = None
+        self._cancellation = Cancellation()
+        self._lock = threading.Lock()  # guards the two fields below
+        self._owner: Optional["weakref.ReferenceType[Stream]"] = None
+        self._starting = False
+        self._sigint_watchers = 0
+        self._closed = False
+        self.last_stats: Optional[GenerationStats] = None
+        self.last_finish_reason: Optional[FinishReason] = None
+        self.last_finished_at: Optional[float] = None  # time.perf_counter() when the last generation ended
+
+    # -- cancellation -----------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the running generation soon (between tokens or inside ``llama_decode``).
+
+        Safe from any thread and from signal handlers; idempotent and cheap. A cancel with
+        nothing running is forgotten when the next generation starts.
+        """
+        self._cancellation.request()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True from ``cancel()`` until the next generation starts."""
+        return self._cancellation.is_requested()
+
+    def install_sigint_handler(self) -> SigintHandle:
+        """Make Ctrl-C call ``cancel()``, interrupting even a running prefill.
+
+        Main thread only. Returns a handle: ``restore()`` it (or use it as a context manager)
+        to put the previous handler back.
+        """
+        handle = _install_sigint_handler(self.cancel, on_restore=self._sigint_unwatch)
+        self._sigint_watchers += 1
+        if self._seq is not None:
+            self._seq.ctx.watch_sigint(True)
+        return handle
+
+    def _sigint_unwatch(self) -> None:
+        self._sigint_watchers = max(0, self._sigint_watchers - 1)
+        if self._seq is not None and self._sigint_watchers == 0:
+            try:
+                self._seq.ctx.watch_sigint(False)
+            except ClosedError:  # closed meanwhile: nothing left to watch
+                pass
+
+    # -- generation -----------------------------------------------------------------------
+    def __call__(self, prompt: Prompt, config: Optional[GenerationConfig] = None, stream: bool = False,
+                 on_token: Optional[TokenCallback] = None) -> Union[Response, Stream]:
+        """Generate from ``prompt``: a ``Response``, or with ``stream=True`` a :class:`Stream` of text chunks.
+
+        ``prompt`` is text, or a sequence of token ids (e.g. from ``tokenize()``) decoded as given.
+        """
+        generation = self.stream(prompt, config, on_token)
+        if stream:
+            return generation
+        with generation:  # an exception (Ctrl-C) while joining ends it at once
+            text = "".join(generation)
+        return Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_name)
+
+    def generate(self, prompt: Prompt, config: Optional[GenerationConfig] = None, **kwargs: Any
+                 ) -> Union[Response, Stream]:
+        """The same as calling the LLM."""
+        return self(prompt, config=config, **kwargs)
+
+    def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None,
+               on_token: Optional[TokenCallback] = None) -> Stream:
+        """A :class:`Stream` of text chunks from ``prompt``; use it in a ``with`` to close it early."""
+        config = config or self.config
+        if self._closed:
+            raise ClosedError("this LLM is closed")
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        changed = [name for name in _MODEL_FIELDS if getattr(config, name) != getattr(self.config, name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} can only be set when the LLM is created")
+        tokens = self._prompt_tokens(prompt, config)
+        self._claim()
+        try:
+            seq = self._sequence_for(len(tokens), config)
+            seq.clear()
+            self._cancellation.begin()
+            progress = _generation.Progress()
+            n_ctx = min(seq.ctx.n_ctx, config.n_ctx or seq.ctx.n_ctx)  # llama.cpp may round n_ctx up
+            steps = _generation.generate(seq, tokens, build_sampler(config, self.vocab), config.stop_sequences,
+                                         config.max_tokens, n_ctx, self._cancellation, progress)
+            stream = Stream(steps, progress, self._cancellation, len(tokens), on_token, self._finished)
+            with self._lock:
+                self._owner = weakref.ref(stream)
+        finally:
+            with self._lock:
+                self._starting = False
+        return stream
+
+    @property
+    def model_name(self) -> str:
+        return os.path.basename(self.model_path)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: Optional[bool] = None) -> List[int]:
+        """Text to token ids; ``parse_special=None`` tokenizes as a prompt would (``config.parse_special``)."""
+        if parse_special is None:
+            parse_special = self.config.parse_special
+        return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.vocab.detokenize(tokens)
+
+    def format_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's chat template (see :func:`cyllama_cffi.chat.format_chat`)."""
+        return format_chat(self.model, messages, add_generation_prompt)
+
+    def _prompt_tokens(self, prompt: Prompt, config: GenerationConfig) -> List[int]:
+        """The prompt as checked token ids: text is tokenized, a sequence of ids is range-checked.
+
+        Token prompts are decoded as given: no BOS is added (``add_bos`` applies to text).
+        """
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ValueError("the prompt is empty; give at least one character of text")
+            tokens = self.vocab.tokenize(prompt, add_special=config.add_bos, parse_special=config.parse_special)
+            if not tokens:
+                raise ValueError("the prompt tokenizes to no tokens")
+            return tokens
+        if isinstance(prompt, (bytes, bytearray, memoryview, dict)) or not hasattr(prompt, "__iter__"):
+            raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+        tokens = []
+        for token in prompt:
+            # bool is an int subclass, numpy integers are not: accept what index() accepts, but no bools.
+            if isinstance(token, bool) or not hasattr(token, "__index__"):
+                raise TypeError(f"token ids must be integers, got {type(token).__name__}")
+            tokens.append(token.__index__())
+        if not tokens:
+            raise ValueError("the prompt is empty; give at least one token id")
+        self.vocab.check_tokens(tokens)
+        return tokens
+
+    # -- ownership of the context ------------------------------------------------------------
+    def _claim(self) -> None:
+        """Become the one generation that uses the context, or raise ``LLMBusyError``."""
+        me = threading.current_thread()
+        with self._lock:
+            if self._starting:
+                raise LLMBusyError("another thread is starting a generation on this LLM; "
+                                   "an LLM is not thread-safe: use one per thread, or take turns")
+            previous = self._owner() if self._owner is not None else None
+            if previous is not None and previous._holds_llm_against(me):
+                raise LLMBusyError("another thread is consuming a stream of this LLM; an LLM is not "
+                                   "thread-safe: finish, close() or cancel() that stream first")
+            self._starting = True
+        try:
+            if previous is not None:
+                previous._supersede()  # at most one graph node of its decode to wait for
+            if self._seq is not None:
+                self._seq.settle()  # a prompt chunk left running by an earlier stream
+        except BaseException:
+            with self._lock:
+                self._starting = False
+            raise
+
+    def _finished(self, stream: Stream) -> None:
+        """A stream ended: remember how, and free the LLM if it was the owner."""
+        with self._lock:
+            self.last_stats = stream.stats
+            self.last_finish_reason = stream.finish_reason
+            self.last_finished_at = stream._t_start + stream.stats.total_time
+            if self._owner is not None and self._owner() is stream:
+                self._owner = None
+
+    def _sequence_for(self, n_prompt: int, config: GenerationConfig) -> KVSequence:
+        """Sequence 0 of a context that fits the prompt and ``config``: the current one or a new one."""
+        if config.n_ctx is not None:
+            n_ctx = config.n_ctx
+        else:  # room for prompt + max_tokens, in steps of 256, at most the trained context
+            wanted = n_prompt + max(config.max_tokens, 1)
+            n_ctx = -(-wanted // 256) * 256
+            if self.model.n_ctx_train > 0:
+                n_ctx = min(n_ctx, self.model.n_ctx_train)
+        if n_prompt >= n_ctx:
+            raise ValueError(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}; "
+                             "shorten the prompt or raise n_ctx")
+        key: Tuple[int, int, int] = (config.n_batch, config.n_ubatch, config.n_threads or usable_cores())
+        seq = self._seq
+        if seq is not None and (self._ctx_key != key or seq.ctx.n_ctx < n_ctx
+                                or (config.n_ctx is not None and seq.ctx.n_ctx != n_ctx)):
+            self._close_context()
+            seq = None
+        if seq is None:
+            ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
+                               n_threads=key[2])
+            ctx.watch_sigint(self._sigint_watchers > 0)
+            seq = self._seq = KVSequence(ctx, LlamaBatch(ctx.n_batch))
+            self._ctx_key = key
+            self._cancellation.attach(ctx)
+        return seq
+
+    def _close_context(self) -> None:
+        seq, self._seq = self._seq, None
+        if seq is not None:
+            self._cancellation.attach(None)
+            seq.batch.close()
+            seq.ctx.close()
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context and the model. Idempotent; a running generation is cancelled first."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
+        with self._lock:
+            stream = self._owner() if self._owner is not None else None
+        if stream is not None:
+            stream._supersede()
+        if self._seq is not None:
+            self._seq.settle()
+        self._close_context()
+        self.model.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LLM {self.model_name}{' closed' if self._closed else ''}>"
