@@ -12,9 +12,9 @@ rows every sample of either side is a fresh process with a warm-up run, as a
 llama-bench repetition is (see ``sample_in_fresh_process``). Rows:
 
   decode    128 new tokens, greedy, through ``LLM`` streaming  vs  tg128, each at its defaults
-            (the binding's weights in a private copy on huge pages, llama-bench's mmapped);
-            then like with like: both private on huge pages (``decode-private``), both mmapped
-            (``decode-mmap``)
+            (both map the model file); then both with a private copy of the weights on huge
+            pages (``decode-private``: ``use_mmap=False`` vs ``-lm none`` under glibc's
+            huge-page tunable)
   prefill   512- and 4096-token prompts through ``LLM``        vs  pp512 / pp4096, and pp4096
             again with glibc's huge pages on both sides; the binding decodes llama-bench's
             own prompt tokens (bench/native_tokens.py)
@@ -146,7 +146,7 @@ def sample_in_fresh_process(model: Path, threads: int, kind: str, env: Optional[
     """One repetition the way ``llama-bench`` makes one: a new process, a warm-up run, the timed run.
 
     ``kind``: ``decode`` or ``prefillN``. Every llama-bench repetition is a new process with new
-    KV and compute buffers, and on the VM of docs/performance.md the speed of a long prefill
+    KV and compute buffers, and on a VM the speed of a long prefill
     depends on that allocation: with identical code and settings, one context runs 4096-token
     prefills at ~310 tok/s and the next at ~350, every time (bimodal, same virtual addresses).
     A row that reused one context compared one draw of that lottery with many; here both sides
@@ -166,8 +166,8 @@ def run_sample(model: Path, threads: int, kind: str) -> float:
     llama-bench's warm-up run for the warm-up, of its timed run for the timed one). n_batch and
     n_ubatch are the binding's defaults (2048 and 512, as llama-bench's).
     """
-    llm = make_llm(model, threads, **({"use_mmap": True} if kind == "decode-mmap" else {}))
-    if kind.startswith("decode"):  # decode: the default load; decode-mmap: llama.cpp's mmap
+    llm = make_llm(model, threads, **({"use_mmap": False} if kind == "decode-private" else {}))
+    if kind.startswith("decode"):  # decode: the default load (mmap); decode-private: the private copy
         binding_decode(llm, n_ctx=None)  # warm-up, as llama-bench's
         value = binding_decode(llm, n_ctx=None)
     else:  # prefillN, or prefillN/U for n_ubatch U
@@ -289,7 +289,7 @@ def random_moments(duration: float, trials: int) -> List[float]:
 
     Uniform over the *whole* prefill: graph nodes grow with the KV cache (attention over n_kv
     positions), so the late part of a long prompt has the longest nodes; a draw from its first
-    seconds only (what this benchmark did before session 7) measured the short early nodes.
+    seconds only would measure the short early nodes.
     """
     return [random.uniform(0.02, 0.98) * duration for _ in range(trials)]
 
@@ -560,7 +560,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and trials")
     parser.add_argument("--sample", help=argparse.SUPPRESS)  # child of sample_in_fresh_process
     parser.add_argument("--only", default="decode,prefill,cancel,machinery,startup,pypy,ubatch",
-                        help="comma-separated rows; decode is decode-default,decode-private,decode-mmap and "
+                        help="comma-separated rows; decode is decode-default,decode-private and "
                              "prefill is pp512,pp4096,pp4096-hugepages, each also on its own")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
@@ -575,7 +575,7 @@ def main() -> int:
     if "prefill" in parts:
         parts |= {"pp512", "pp4096", "pp4096-hugepages"}
     if "decode" in parts:
-        parts |= {"decode-default", "decode-private", "decode-mmap"}
+        parts |= {"decode-default", "decode-private"}
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         args.long_repeats = 2
@@ -584,7 +584,7 @@ def main() -> int:
     print(f"machine: {results['machine']}  threads: {args.threads}  model: {model.name}", flush=True)
 
     llm = make_llm(model, args.threads)
-    if parts & {"decode-default", "decode-private", "decode-mmap", "pp512", "pp4096", "pp4096-hugepages", "ubatch"}:
+    if parts & {"decode-default", "decode-private", "pp512", "pp4096", "pp4096-hugepages", "ubatch"}:
         binary = native_bench_binary()
     if "decode-default" in parts:  # each side as a user gets it
         interleaved("decode tg128", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
@@ -592,10 +592,8 @@ def main() -> int:
     if "decode-private" in parts:  # llama-bench's weights read into memory that glibc puts on huge pages
         interleaved("decode tg128 private+huge", repeats,
                     lambda: run_llama_bench(binary, model, args.threads, 0, 128, env=HUGEPAGES_ENV, extra=("-lm", "none")),
-                    lambda: sample_in_fresh_process(model, args.threads, "decode", env=HUGEPAGES_ENV), results)
-    if "decode-mmap" in parts:  # both on llama.cpp's mmap of the file
-        interleaved("decode tg128 mmap", repeats, lambda: run_llama_bench(binary, model, args.threads, 0, 128),
-                    lambda: sample_in_fresh_process(model, args.threads, "decode-mmap"), results)
+                    lambda: sample_in_fresh_process(model, args.threads, "decode-private", env=HUGEPAGES_ENV),
+                    results)
     for n_prompt, row_repeats in ((512, repeats), (4096, args.long_repeats)):
         if f"pp{n_prompt}" in parts:
             interleaved(f"prefill pp{n_prompt}", row_repeats,

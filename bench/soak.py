@@ -136,9 +136,11 @@ class Soak:
         text, expected = "".join(chunks), self.llm.detokenize(stream.generated)
         # a closed stream drops a trailing partial UTF-8 character that detokenize shows as U+FFFD
         consistent = text == expected or (stream.finish_reason == "cancelled" and expected.startswith(text))
-        stream._await_running_chunk()  # a cancelled prompt chunk's decode returns on its helper thread
-        ctx = self.llm._ctx
-        kv_ok = ctx is None or len(self.llm._kv_tokens) == ctx.memory_seq_pos_max(0) + 1
+        seq = self.llm._seq
+        if seq is not None and seq._running is not None:
+            seq._running.done.wait()  # a cancelled prompt chunk's decode returns on its helper thread
+        # Checked before the next call's settle() would cut the cache back to the record.
+        kv_ok = seq is None or len(seq.tokens) == seq.ctx.memory_seq_pos_max(0) + 1
         return {"reason": stream.finish_reason, "tokens": len(stream.generated),
                 # cancelled before the first token of a long prompt: the cancel landed in the prefill
                 "mid_prefill": stream.finish_reason == "cancelled" and not stream.generated

@@ -44,6 +44,9 @@ class LLM:
     ``LLM(model_path, config=None, verbose=False, **overrides)``: fields in ``overrides``
     replace those of ``config`` (unknown names raise ``TypeError``). The file is checked before
     llama.cpp reads it (``InvalidGGUFError``).
+
+    After each generation, ``last_stats``, ``last_finish_reason`` and ``last_finished_at`` (the
+    ``time.perf_counter()`` at its end) describe it.
     """
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
@@ -137,9 +140,10 @@ class LLM:
         if changed:
             raise ValueError(f"{', '.join(changed)} can only be set when the LLM is created")
         tokens = self._prompt_tokens(prompt, config)
+        n_ctx = self._context_size(len(tokens), config)  # bad input is refused before anything changes
         self._claim()
         try:
-            seq = self._sequence_for(len(tokens), config)
+            seq = self._sequence_for(n_ctx, config)
             seq.clear()
             self._cancellation.begin()
             progress = _generation.Progress()
@@ -228,8 +232,8 @@ class LLM:
             if self._owner is not None and self._owner() is stream:
                 self._owner = None
 
-    def _sequence_for(self, n_prompt: int, config: GenerationConfig) -> KVSequence:
-        """Sequence 0 of a context that fits the prompt and ``config``: the current one or a new one."""
+    def _context_size(self, n_prompt: int, config: GenerationConfig) -> int:
+        """The context a prompt of ``n_prompt`` tokens needs under ``config``; ValueError if it can't fit."""
         if config.n_ctx is not None:
             n_ctx = config.n_ctx
         else:  # room for prompt + max_tokens, in steps of 256, at most the trained context
@@ -240,6 +244,10 @@ class LLM:
         if n_prompt >= n_ctx:
             raise ValueError(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}; "
                              "shorten the prompt or raise n_ctx")
+        return n_ctx
+
+    def _sequence_for(self, n_ctx: int, config: GenerationConfig) -> KVSequence:
+        """Sequence 0 of a context of at least ``n_ctx`` cells for ``config``: the current one or a new one."""
         key: Tuple[int, int, int] = (config.n_batch, config.n_ubatch, config.n_threads or usable_cores())
         seq = self._seq
         if seq is not None and (self._ctx_key != key or seq.ctx.n_ctx < n_ctx

@@ -35,6 +35,7 @@ class StreamState(enum.Enum):
 class Stream(Iterator[str]):
     """An iterator of text chunks; also a context manager that closes it.
 
+    Made by ``LLM.stream()`` / ``llm(prompt, stream=True)``, not constructed directly.
     ``finish_reason`` (a :class:`FinishReason`) and ``stats`` are set when it ends; the LLM's
     ``last_finish_reason``/``last_stats`` show the same. ``generated`` lists the token ids
     produced so far. ``on_token`` (if given) is called with each chunk before it is returned.

@@ -107,11 +107,18 @@ def test_finish_reason_length_and_stop(llm):
     assert stop_at not in stopped.text and full.startswith(stopped.text)
 
 
-def test_eog_ends_with_stop(llm):
+def test_chat_text_is_special_tokens_by_default_and_ends_at_end_of_turn(llm):
+    """parse_special=True by default: the template's markers become the model's special tokens,
+    and the reply ends at its end-of-turn token; parse_special=False reads them as plain text."""
     prompt = llm.format_chat([{"role": "user", "content": "Say hi."}])
-    response = llm(prompt, config=llm.config.replace(max_tokens=200, parse_special=True))
-    assert response.finish_reason == "stop"
-    assert response.stats.generated_tokens < 200
+    im_start = llm.tokenize("<|im_start|>", add_special=False)
+    assert len(im_start) == 1 and llm.vocab.get_text(im_start[0]) == "<|im_start|>"
+    response = llm(prompt, config=llm.config.replace(max_tokens=200))
+    assert response.finish_reason == "stop" and response.stats.generated_tokens < 200
+    assert "<|im_end|>" not in response.text
+    as_text = llm.config.replace(max_tokens=4, parse_special=False)
+    assert len(llm.tokenize("<|im_start|>", add_special=False, parse_special=False)) > 1
+    assert llm(prompt, config=as_text).stats.prompt_tokens > response.stats.prompt_tokens
 
 
 def test_stream_equals_non_stream(llm):
@@ -320,3 +327,17 @@ def test_no_decode_thread_outlives_its_prompt(llm):
                               if thread.name == "cyllama-decode" or thread.ident not in before]
     finally:
         stream.close()
+
+
+def test_a_refused_call_leaves_a_suspended_stream_untouched(llm):
+    """Bad input is refused before the LLM changes hands: the stream being read goes on."""
+    expected = llm(PROMPT).text
+    stream = llm.stream(PROMPT)
+    first = next(stream)
+    with pytest.raises(ValueError, match="empty"):
+        llm("")
+    with pytest.raises(ValueError, match="context holds"):
+        llm("word " * 200, config=llm.config.replace(n_ctx=64))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm([1, 2, 10 ** 9])
+    assert first + "".join(stream) == expected

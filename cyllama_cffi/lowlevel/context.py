@@ -203,7 +203,7 @@ class LlamaContext(CHandle):
     def decode(self, batch: LlamaBatch) -> None:
         """Run ``llama_decode``; raise on anything but success.
 
-        ``DecodeAborted`` (an ``InterruptedError``) when the abort callback fired,
+        ``DecodeAborted`` (with ``n_past``) when the abort callback fired,
         ``ContextFullError`` when the KV cache has no room, ``ValueError`` for a
         batch llama.cpp would reject or abort on.
         """

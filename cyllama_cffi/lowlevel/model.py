@@ -61,7 +61,7 @@ class LlamaModel(CHandle):
 
     ``use_mmap=False`` reads a private copy of the weights into memory; with ``huge_pages``
     (the default) that memory is put on transparent huge pages where Linux offers them, which
-    decodes faster than the shared file mapping (see :mod:`.huge_pages`). ``huge_page_bytes``
+    decodes faster than the shared file mapping (see ``cyllama_cffi._huge_pages``). ``huge_page_bytes``
     says how much was advised (0 with mmap, or where there are no huge pages).
     """
 
