@@ -307,7 +307,9 @@ def cancel_mid_prefill(llm, trials: int, n_tokens: int = 4000,
         stream = llm.stream(prompt, config=config)
         marks: Dict[str, float] = {}
         latency = cancel_by_timer(llm, stream, delay, marks)
-        stream._await_running_chunk()  # returns when the chunk's decode has (at once if it had)
+        helper = llm._seq._helper  # the prompt's helper thread, if the chunk is still decoding
+        if helper is not None:
+            helper.join()  # returns when the chunk's decode has (at once if it had)
         decode_returns.append(time.perf_counter() - marks["cancel"])
         if stream.finish_reason != "cancelled" or stream.stats.generated_tokens:
             raise RuntimeError("prefill finished before the cancel; use a longer prompt")

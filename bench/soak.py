@@ -137,8 +137,8 @@ class Soak:
         # a closed stream drops a trailing partial UTF-8 character that detokenize shows as U+FFFD
         consistent = text == expected or (stream.finish_reason == "cancelled" and expected.startswith(text))
         seq = self.llm._seq
-        if seq is not None and seq._running is not None:
-            seq._running.done.wait()  # a cancelled prompt chunk's decode returns on its helper thread
+        if seq is not None and seq._helper is not None:
+            seq._helper.join()  # a cancelled prompt chunk's decode returns on its helper thread
         # Checked before the next call's settle() would cut the cache back to the record.
         kv_ok = seq is None or len(seq.tokens) == seq.ctx.memory_seq_pos_max(0) + 1
         return {"reason": stream.finish_reason, "tokens": len(stream.generated),

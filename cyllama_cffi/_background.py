@@ -5,6 +5,10 @@ prompt the attention node covers every cached position: on 2 cores, a 512-token 
 at 4,000 cached tokens spends ~130 ms in that one node, so the abort flag alone answers a
 cancel only after up to that long. Run on a helper, a prompt chunk's decode still stops at its
 next node, but the stream that waited for it returns at once (see :mod:`._generation`).
+
+Nothing here blocks the thread that signals: a job's completion and a cancel both wake the
+waiter by releasing a plain lock, which never waits and takes no other lock, so it is safe
+from a signal handler and from a thread that a ``KeyboardInterrupt`` left anywhere.
 """
 
 from __future__ import annotations
@@ -14,23 +18,36 @@ from typing import Callable, Optional
 
 
 class Job:
-    """``call()`` run on a :class:`HelperThread`; ``done`` and then ``wake`` are set when it returns."""
+    """``call()`` run on a :class:`HelperThread`; ``finished`` once it returned, ``error`` if it raised.
 
-    def __init__(self, call: Callable[[], None], wake: Optional[threading.Event] = None) -> None:
-        self._call = call
-        self.done = threading.Event()
-        self.wake = wake if wake is not None else threading.Event()
+    ``wake`` is a lock held from the start and released once: when the call returns, or when
+    someone else wants the waiter back early (:func:`wake`).
+    """
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self._call: Optional[Callable[[], None]] = call
+        self.finished = False
         self.error: Optional[BaseException] = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
     def run(self) -> None:
         try:
-            self._call()
+            self._call()  # type: ignore[misc]
         except BaseException as error:  # handed to whoever reads the outcome
             self.error = error
         finally:
             self._call = None  # hold nothing (sequence, context) once done
-            self.done.set()
-            self.wake.set()
+            self.finished = True
+            wake(self.wake)
+
+
+def wake(lock: threading.Lock) -> None:
+    """Release a job's wake lock if nobody has yet: never blocks."""
+    try:
+        lock.release()
+    except RuntimeError:  # released already (the job finished, or another wake came first)
+        pass
 
 
 class HelperThread:
@@ -48,21 +65,25 @@ class HelperThread:
         import queue  # here: it costs the package's import ~2 ms
 
         self._jobs: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
-        self.thread: Optional[threading.Thread] = None
+        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name="cyllama-decode", daemon=True)
+        self._thread.start()
 
     def submit(self, job: Job) -> Job:
-        if self.thread is None:
-            self.thread = threading.Thread(target=_serve, args=(self._jobs,), name="cyllama-decode", daemon=True)
-            self.thread.start()
         self._jobs.put(job)
         return job
 
-    def stop(self) -> Optional[threading.Thread]:
-        """End the thread after the job it runs, if any; returns the thread (join it to wait)."""
-        thread, self.thread = self.thread, None
-        if thread is not None:
-            self._jobs.put(None)
-        return thread
+    def stop(self) -> None:
+        """End the thread after the job it runs, if any (idempotent, never blocks)."""
+        self._jobs.put(None)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        """Stop the thread and wait for it (its OpenMP pool goes with it)."""
+        self.stop()
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
 
 def _serve(jobs) -> None:

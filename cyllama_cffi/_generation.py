@@ -17,7 +17,7 @@ import functools
 import time
 from typing import Generator, List, Sequence
 
-from ._background import HelperThread, Job
+from ._background import Job
 from ._ffi import ffi
 from ._cancel import Cancellation
 from ._sequence import KVSequence
@@ -66,34 +66,29 @@ def prefill(seq: KVSequence, prompt: Sequence[int], cancel: Cancellation) -> boo
     in ``cancel.wait``: a cancel returns at once, even while a graph node runs for a hundred
     milliseconds more; the chunk's decode stops at ggml's next node, on its own, and puts what
     reached the cache on record. If this thread stops waiting (a cancel, a
-    ``KeyboardInterrupt``), the chunk is left running on the sequence, which waits for it
-    before the context is used again.
+    ``KeyboardInterrupt``), the chunk goes on; the sequence, which has its helper on record,
+    waits for it before the context is used again.
     """
     ctx = seq.ctx
     step = max(1, min(ctx.n_ubatch, ctx.n_batch))
-    helper = HelperThread()
-    running = None
+    helper = seq.start_helper()
+    job = None
     try:
         for start in range(len(seq.tokens), len(prompt), step):
             if cancel.is_requested():
                 return False
             chunk = functools.partial(seq.decode_chunk, prompt[start:start + step], start + step >= len(prompt))
-            job = running = helper.submit(Job(chunk))
-            cancel.wait(job.wake)
-            if not job.done.is_set():  # woken by a cancel: the decode stops on its own
+            job = helper.submit(Job(chunk))
+            cancel.wait(job)
+            if not job.finished:  # woken by a cancel: the decode stops on its own
                 return False
-            running = None
             if isinstance(job.error, DecodeAborted):
                 return False
             if job.error is not None:
                 raise job.error
         return True
     finally:
-        thread = helper.stop()
-        if running is not None:
-            seq.leave_running(running, thread)
-        elif thread is not None:
-            thread.join()
+        seq.end_helper(wait=job is None or job.finished)
 
 
 def _tokens(seq: KVSequence, sampler: LlamaSampler, assembler: TextAssembler, max_tokens: int, n_ctx: int,

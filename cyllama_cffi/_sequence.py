@@ -5,16 +5,16 @@ llama.cpp: the prompt, then every generated token whose decode returned. Whoever
 the sequence updates the record right after the decode (a prompt chunk on its helper thread,
 a generated token in the token loop); an exception in between leaves a cell the record does
 not list, and :meth:`settle`, called before each generation, cuts it off. A prompt chunk that its
-stream stopped waiting for (a cancel, a ``KeyboardInterrupt``) is left running here:
-:meth:`settle` waits for it before anyone touches the context again.
+stream stopped waiting for (a cancel, a ``KeyboardInterrupt``) goes on, on a helper thread
+that is on record here from before it started: :meth:`settle` stops and joins it before
+anyone touches the context again.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import List, Optional, Sequence
 
-from ._background import Job
+from ._background import HelperThread
 from .errors import DecodeAborted
 from .lowlevel.batch import LlamaBatch
 from .lowlevel.context import LlamaContext
@@ -28,8 +28,7 @@ class KVSequence:
         self.batch = batch
         self.seq_id = seq_id
         self.tokens: List[int] = []  # tokens whose K/V are in the cache, in position order
-        self._running: Optional[Job] = None
-        self._running_thread: Optional[threading.Thread] = None
+        self._helper: Optional[HelperThread] = None  # decodes the prompt's chunks; see settle()
 
     def decode_chunk(self, tokens: Sequence[int], logits_last: bool) -> None:
         """Decode ``tokens`` at the end of the sequence and put what reached the cache on record."""
@@ -40,9 +39,6 @@ class KVSequence:
         except DecodeAborted as aborted:  # the ubatches that completed stay in the cache
             self.tokens.extend(tokens[:max(0, aborted.n_past - start)])
             raise
-        except BaseException:
-            self.sync()
-            raise
         self.tokens.extend(tokens)
 
     def clear(self) -> None:
@@ -52,21 +48,41 @@ class KVSequence:
         self.tokens = []
 
     def sync(self) -> None:
-        """Cut the cache back to the record, unless a decode left running still owns it."""
-        if self._running is None:
+        """Cut the cache back to the record, unless a prompt chunk may still be decoding."""
+        if self._helper is None:
             self.ctx.memory_seq_rm(self.seq_id, len(self.tokens), -1)
 
-    def leave_running(self, job: Job, thread: Optional[threading.Thread]) -> None:
-        """A prompt chunk's decode goes on without its stream; :meth:`settle` waits for it."""
-        self._running, self._running_thread = job, thread
+    def start_helper(self) -> HelperThread:
+        """A helper thread for the prompt's chunks, on record here before it runs anything."""
+        self._join_helper()
+        helper = self._helper = HelperThread()
+        return helper
+
+    def end_helper(self, wait: bool) -> None:
+        """The prompt is done with its helper: ``wait`` joins it now (nothing left running);
+        otherwise its thread ends after the chunk it decodes and :meth:`settle` joins it."""
+        helper = self._helper
+        if helper is None:
+            return
+        helper.stop()
+        if wait:
+            self._join_helper()
 
     def settle(self) -> None:
-        """Make the cache match the record: wait for a decode left running (at most one graph
-        node after a cancel), then cut off what is not on record."""
-        job, thread = self._running, self._running_thread
-        if job is not None:
-            job.done.wait()
-            if thread is not None and thread is not threading.current_thread():
-                thread.join()  # its OpenMP pool goes with it (see _background.HelperThread)
-            self._running = self._running_thread = None
-        self.sync()  # an exception between a decode and its record left a cell off the record
+        """Make the cache match the record before anyone else uses the context.
+
+        A chunk left decoding is stopped (the C flag: at most one graph node) and waited for;
+        a busy lock that an interrupted call left held is released (nothing else can use the
+        context now); then what is not on record is cut off.
+        """
+        if self._helper is not None and self._helper.is_alive():
+            self.ctx.cancel = True  # its result is not wanted; the next generation clears the flag
+        self._join_helper()
+        self.ctx.release_stale_busy()
+        self.sync()
+
+    def _join_helper(self) -> None:
+        helper = self._helper
+        if helper is not None:
+            helper.join()
+            self._helper = None

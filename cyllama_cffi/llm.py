@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 from . import _generation
 from ._cancel import Cancellation
@@ -68,7 +68,7 @@ class LLM:
         self._cancellation = Cancellation()
         self._lock = threading.Lock()  # guards the two fields below
         self._owner: Optional["weakref.ReferenceType[Stream]"] = None
-        self._starting = False
+        self._starting: Optional[threading.Thread] = None  # the thread setting a generation up
         self._sigint_watchers = 0
         self._closed = False
         self.last_stats: Optional[GenerationStats] = None
@@ -154,8 +154,7 @@ class LLM:
             with self._lock:
                 self._owner = weakref.ref(stream)
         finally:
-            with self._lock:
-                self._starting = False
+            self._starting = None
         return stream
 
     @property
@@ -205,22 +204,23 @@ class LLM:
         """Become the one generation that uses the context, or raise ``LLMBusyError``."""
         me = threading.current_thread()
         with self._lock:
-            if self._starting:
+            starting = self._starting
+            # One left by this thread or a dead one was interrupted (Ctrl-C) on its way: stale.
+            if starting is not None and starting is not me and starting.is_alive():
                 raise LLMBusyError("another thread is starting a generation on this LLM; "
                                    "an LLM is not thread-safe: use one per thread, or take turns")
             previous = self._owner() if self._owner is not None else None
             if previous is not None and previous._holds_llm_against(me):
                 raise LLMBusyError("another thread is consuming a stream of this LLM; an LLM is not "
                                    "thread-safe: finish, close() or cancel() that stream first")
-            self._starting = True
+            self._starting = me
         try:
             if previous is not None:
                 previous._supersede()  # at most one graph node of its decode to wait for
             if self._seq is not None:
                 self._seq.settle()  # a prompt chunk left running by an earlier stream
         except BaseException:
-            with self._lock:
-                self._starting = False
+            self._starting = None
             raise
 
     def _finished(self, stream: Stream) -> None:
@@ -248,15 +248,15 @@ class LLM:
 
     def _sequence_for(self, n_ctx: int, config: GenerationConfig) -> KVSequence:
         """Sequence 0 of a context of at least ``n_ctx`` cells for ``config``: the current one or a new one."""
-        key: Tuple[int, int, int] = (config.n_batch, config.n_ubatch, config.n_threads or usable_cores())
+        # llama.cpp pads n_ctx (to 256 cells): an explicit one is compared as it was asked for.
+        key = (config.n_batch, config.n_ubatch, config.n_threads or usable_cores(), config.n_ctx)
         seq = self._seq
-        if seq is not None and (self._ctx_key != key or seq.ctx.n_ctx < n_ctx
-                                or (config.n_ctx is not None and seq.ctx.n_ctx != n_ctx)):
+        if seq is not None and (self._ctx_key != key or seq.ctx.n_ctx < n_ctx):
             self._close_context()
             seq = None
         if seq is None:
             ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
-                               n_threads=key[2])
+                               n_threads=config.n_threads or usable_cores())
             ctx.watch_sigint(self._sigint_watchers > 0)
             seq = self._seq = KVSequence(ctx, LlamaBatch(ctx.n_batch))
             self._ctx_key = key

@@ -51,6 +51,7 @@ class Stream(Iterator[str]):
         self._on_finish = on_finish
         self._step_lock = threading.Lock()  # held while the generation computes its next chunk
         self._thread = threading.current_thread()  # the consumer: who created or last stepped it
+        self._stepping: Optional[int] = None  # the thread inside __next__ now, if any
         self._t_start = time.perf_counter()
         self.state = StreamState.READY
         self.finish_reason: Optional[FinishReason] = None
@@ -58,7 +59,8 @@ class Stream(Iterator[str]):
 
     @property
     def generated(self) -> List[int]:
-        """Token ids generated so far (end-of-generation and stop tokens are not included)."""
+        """Token ids generated so far (the end-of-generation token is not included; the tokens of a
+        matched stop sequence are)."""
         return self._progress.generated
 
     def __iter__(self) -> "Stream":
@@ -70,6 +72,7 @@ class Stream(Iterator[str]):
                 raise StopIteration
             self.state = StreamState.RUNNING
             self._thread = threading.current_thread()
+            self._stepping = threading.get_ident()
             try:
                 chunk = next(self._steps)
             except StopIteration as end:
@@ -84,6 +87,8 @@ class Stream(Iterator[str]):
             except BaseException:  # KeyboardInterrupt, SystemExit: the consumer was stopped
                 self._finish(FinishReason.CANCELLED)
                 raise
+            finally:
+                self._stepping = None
         if self._on_token is not None:
             self._on_token(chunk)
         return chunk
@@ -91,14 +96,20 @@ class Stream(Iterator[str]):
     def close(self) -> None:
         """End this stream now (``finish_reason`` "cancelled"); the LLM is free at once.
 
-        From any thread: a decode running for it stops at its next graph node.
+        From any thread: a decode running for it stops at its next graph node. From a signal
+        handler that interrupted this stream's own step, it only stops the step's decode (the
+        step then ends the stream); ``LLM.cancel()`` is the call made for signal handlers.
         """
         if self.state is StreamState.FINISHED:
             return
         self._cancellation.interrupt()
+        if self._stepping == threading.get_ident():
+            # A signal handler interrupting this stream's own step: waiting for the step lock
+            # would wait for ourselves. The C flag set above ends the step's decode instead.
+            return
         with self._step_lock:
             if self.state is not StreamState.FINISHED:
-                self._steps.close()  # its cleanup runs: the KV cache is cut back to the record
+                self._steps.close()  # its sampler is freed; the next generation settles the KV cache
                 self._finish(FinishReason.CANCELLED)
 
     def __enter__(self) -> "Stream":

@@ -155,3 +155,71 @@ def test_a_stream_of_a_live_thread_is_not_taken_away(llm, expected):
         consumer.join(60)
     assert "".join(rest) == expected
     assert_ready(llm, expected)
+
+
+def test_ctrl_c_mid_chunk_does_not_make_the_next_call_wait_for_the_chunk(model_path):
+    """Ctrl-C (no hook) while a long prompt chunk decodes on the helper: the next call stops that
+    chunk (the C flag) instead of waiting for the rest of it."""
+    with LLM(model_path, temperature=0.0, max_tokens=4, n_batch=2048, n_ubatch=2048, n_ctx=4096) as own:
+        expected = own(PROMPT).text
+        prompt = own.tokenize(LONG_PROMPT * 2)[:2000]  # one chunk of ~2000 tokens: seconds of decoding
+        started = {}
+        real_decode = own._seq.ctx.decode
+
+        def decode(batch):
+            started["at"] = time.monotonic()
+            return real_decode(batch)
+
+        own._seq.ctx.decode = decode
+        presser = press_ctrl_c_when(lambda: "at" in started and time.monotonic() - started["at"] > 0.3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                own(prompt)
+        finally:
+            presser.join()
+            del own._seq.ctx.decode
+        begun = time.monotonic()
+        assert own(PROMPT).text == expected
+        assert time.monotonic() - begun < 2.0  # the rest of the chunk alone takes several seconds
+
+
+def test_a_start_interrupted_on_its_way_does_not_block(llm, expected):
+    """What a Ctrl-C between claiming the LLM and setting the stream up leaves behind."""
+    llm._starting = threading.current_thread()
+    assert_ready(llm, expected)
+
+
+def test_a_busy_lock_left_by_an_interrupted_call_is_released(llm, expected):
+    """What a Ctrl-C between taking the context's busy lock and the try that releases it leaves."""
+    llm(PROMPT)
+    assert llm._seq.ctx._busy.acquire(blocking=False)
+    assert_ready(llm, expected)
+
+
+STREAM_CLOSE_FROM_HANDLER = """
+import os, signal, sys, threading, time
+from cyllama_cffi import LLM
+llm = LLM(sys.argv[1], temperature=0.0, max_tokens=8)
+stream = llm.stream("Tell me everything about the Roman Empire. " * 80)
+signal.signal(signal.SIGUSR1, lambda *args: stream.close())
+def send():
+    while not llm._seq.tokens:
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGUSR1)
+threading.Thread(target=send, daemon=True).start()
+print(list(stream), stream.finish_reason, llm("The capital of France is").finish_reason, flush=True)
+"""
+
+
+def test_stream_close_from_a_signal_handler_interrupting_its_own_step(tmp_path, model_path):
+    """The handler runs in the thread that is inside the stream's step: close() must not wait
+    for that step (itself) but stop its decode."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "close_from_handler.py"
+    script.write_text(STREAM_CLOSE_FROM_HANDLER)
+    done = subprocess.run([sys.executable, str(script), str(model_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]", "cancelled", "length"]

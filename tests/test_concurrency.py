@@ -39,8 +39,8 @@ def assert_as_good_as_new(llm: LLM, reference: Dict[str, str]) -> None:
     """The KV bookkeeping matches llama.cpp's, and greedy output matches a fresh LLM's."""
     seq = llm._seq
     if seq is not None:
-        if seq._running is not None:
-            seq._running.done.wait()  # a cancelled prompt chunk may still be returning
+        if seq._helper is not None:
+            seq._helper.join()  # a cancelled prompt chunk may still be returning
         # Before the next call's settle() cuts the cache back to the record: they must agree already.
         assert len(seq.tokens) == seq.ctx.memory_seq_pos_max(0) + 1
     assert llm(SHORT).text == reference[SHORT]

@@ -341,3 +341,13 @@ def test_a_refused_call_leaves_a_suspended_stream_untouched(llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm([1, 2, 10 ** 9])
     assert first + "".join(stream) == expected
+
+
+def test_an_explicit_n_ctx_llama_cpp_pads_keeps_its_context(model_path):
+    """llama.cpp rounds n_ctx up (to 256 cells): the same n_ctx must not make a new context per call."""
+    with LLM(model_path, temperature=0.0, max_tokens=2, n_ctx=1000) as llm:
+        llm(PROMPT)
+        first = llm._seq.ctx
+        assert first.n_ctx >= 1000
+        llm(PROMPT)
+        assert llm._seq.ctx is first

@@ -190,6 +190,19 @@ class LlamaContext(CHandle):
             raise ClosedError("this context is closed")
         return pointer
 
+    def release_stale_busy(self) -> None:
+        """Release the busy lock if an interrupted call left it held.
+
+        A ``KeyboardInterrupt`` can arrive between taking the lock and the ``try`` that releases
+        it. Only for an owner that knows no other thread can be using the context now (the
+        ``LLM``, between generations, after its helper thread was joined).
+        """
+        if self._busy.locked() and not self._closing:
+            try:
+                self._busy.release()
+            except RuntimeError:  # released meanwhile
+                pass
+
     def _locked(self, function: Callable[..., Any], *args: Any) -> Any:
         """``function(*args)`` holding the busy lock: never while a decode runs, never after close."""
         self._acquire()
