@@ -9,6 +9,7 @@ another child, and so on).
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -22,7 +23,9 @@ UNIT_DIR = Path(__file__).resolve().parent
 REPO = UNIT_DIR.parent.parent
 CHILD_FLAG = "CYLLAMA_UNIT_TIER_CHILD"
 BLOCK_LOG = "CYLLAMA_UNIT_TIER_BLOCK_LOG"
-BUDGET_SECONDS = 20.0
+# The tier is the quick loop of CPython development: 20 s at most there. PyPy runs it too (in
+# the full suite), more slowly until its JIT warms up; there it must pass, in a looser limit.
+LIMIT_SECONDS = 20.0 if platform.python_implementation() == "CPython" else 90.0
 NESTED_REASON = "runs inside the isolated tier run that this test starts; it must not start another"
 
 SITECUSTOMIZE = textwrap.dedent('''
@@ -82,7 +85,7 @@ def test_the_tier_passes_alone_without_native_code_or_model_quickly(tmp_path):
     command = [sys.executable, "-m", "pytest", str(UNIT_DIR), "-q", "-rs", "-p", "no:cacheprovider"]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=isolated_env(tmp_path, log), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
     elapsed = time.perf_counter() - start
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
@@ -90,4 +93,4 @@ def test_the_tier_passes_alone_without_native_code_or_model_quickly(tmp_path):
     passed = re.search(r"(\d+) passed", output)
     assert passed and int(passed.group(1)) > 100, output[-3000:]
     assert NESTED_REASON in output  # the child skipped the tests that start children, and said why
-    assert elapsed < BUDGET_SECONDS, f"the tier took {elapsed:.1f} s alone (budget {BUDGET_SECONDS:.0f} s)"
+    assert elapsed < LIMIT_SECONDS, f"the tier took {elapsed:.1f} s alone (limit {LIMIT_SECONDS:.0f} s)"
