@@ -4,7 +4,7 @@
     python bench/weights_memory.py --sequences 32 --json bench/results/weights-memory.json
 
 Why: ``LLM`` loads a private copy of the weights on transparent huge pages by default
-(cyllama_cffi/huge_pages.py) instead of llama.cpp's mmap of the file. Whole runs on a shared VM
+(cyllama_cffi/_huge_pages.py) instead of llama.cpp's mmap of the file. Whole runs on a shared VM
 drift by several percent, which swamps the effect, so the three loads live in one process, each
 with its own context, and take turns token by token (the order rotating every token): each
 decode of an arm has a neighbour of every other arm decoding the same token at the same

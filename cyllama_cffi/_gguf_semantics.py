@@ -1,6 +1,6 @@
 """The metadata *values* llama.cpp trusts so much that a bad one aborts the process.
 
-``gguf_check`` proves a file is structurally sound; llama.cpp's own GGUF
+``_gguf_check`` proves a file is structurally sound; llama.cpp's own GGUF
 parser is careful too. But the model loader then asserts on some values
 (``GGML_ASSERT`` is ``abort()``), and some tokenizer paths throw C++
 exceptions straight through the C API (``std::terminate``, also an abort).

@@ -266,7 +266,7 @@ def test_every_precheck_rule_prevents_a_real_crash(worker, tmp_path):
     """Without the pre-check llama.cpp aborts or segfaults on each file; with it, InvalidGGUFError.
 
     If a llama.cpp update makes one of them load cleanly, this fails: the rule
-    (in cyllama_cffi/gguf_semantics.py or gguf_check.py) can then go.
+    (in cyllama_cffi/_gguf_semantics.py or _gguf_check.py) can then go.
     """
     cases = []
     for name, build in RULES.items():
