@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Generator, List, Sequence
+from typing import Callable, Generator, List, Sequence
 
 from ._background import Job
 from ._ffi import ffi
@@ -37,15 +37,18 @@ class Progress:
         self.prompt_done_at = 0.0  # time.perf_counter() when the prompt was in the cache
 
 
-def generate(seq: KVSequence, prompt: Sequence[int], sampler: LlamaSampler, stop_sequences: Sequence[str],
+def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], LlamaSampler],
+             stop_sequences: Sequence[str],
              max_tokens: int, n_ctx: int, cancel: Cancellation,
              progress: Progress) -> Generator[str, None, FinishReason]:
     """Decode ``prompt`` into ``seq`` (which must hold a prefix of it), then generate.
 
-    ``n_ctx``: how many positions the sequence may use in all. ``sampler`` is closed when the
-    generation ends, however it ends.
+    ``n_ctx``: how many positions the sequence may use in all. The sampler chain is made when
+    the generation starts and closed when it ends, however it ends: a stream closed before its
+    first step never makes one.
     """
     assembler = TextAssembler(stop_sequences)
+    sampler = make_sampler()
     try:
         if not prefill(seq, prompt, cancel):
             return FinishReason.CANCELLED

@@ -9,6 +9,7 @@ most for one graph node of a decode still running for it. See ``docs/cancellatio
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -148,8 +149,9 @@ class LLM:
             self._cancellation.begin()
             progress = _generation.Progress()
             n_ctx = min(seq.ctx.n_ctx, config.n_ctx or seq.ctx.n_ctx)  # llama.cpp may round n_ctx up
-            steps = _generation.generate(seq, tokens, build_sampler(config, self.vocab), config.stop_sequences,
-                                         config.max_tokens, n_ctx, self._cancellation, progress)
+            make_sampler = functools.partial(build_sampler, config, self.vocab)
+            steps = _generation.generate(seq, tokens, make_sampler, config.stop_sequences, config.max_tokens, n_ctx,
+                                         self._cancellation, progress)
             stream = Stream(steps, progress, self._cancellation, len(tokens), on_token, self._finished)
             with self._lock:
                 self._owner = weakref.ref(stream)
@@ -267,8 +269,8 @@ class LLM:
         seq, self._seq = self._seq, None
         if seq is not None:
             self._cancellation.attach(None)
+            seq.ctx.close()  # waits for a decode still running, which reads the batch
             seq.batch.close()
-            seq.ctx.close()
 
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -279,12 +281,14 @@ class LLM:
         self.cancel()
         with self._lock:
             stream = self._owner() if self._owner is not None else None
-        if stream is not None:
-            stream._supersede()
-        if self._seq is not None:
-            self._seq.settle()
-        self._close_context()
-        self.model.close()
+        try:
+            if stream is not None:
+                stream._supersede()
+            if self._seq is not None:
+                self._seq.settle()
+        finally:  # whatever the wait raised, nothing is left unfreed
+            self._close_context()
+            self.model.close()
 
     def __enter__(self) -> "LLM":
         return self

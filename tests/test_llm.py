@@ -351,3 +351,23 @@ def test_an_explicit_n_ctx_llama_cpp_pads_keeps_its_context(model_path):
         assert first.n_ctx >= 1000
         llm(PROMPT)
         assert llm._seq.ctx is first
+
+
+def test_a_stream_closed_before_its_first_step_never_makes_a_sampler(llm, monkeypatch):
+    """The generation makes its sampler chain when it starts and frees it when it ends: a stream
+    closed unstarted has nothing to leave to a finalizer; a finished one has freed its chain."""
+    import cyllama_cffi.llm as llm_module
+
+    made = []
+    original = llm_module.build_sampler
+
+    def counting(config, vocab):
+        made.append(original(config, vocab))
+        return made[-1]
+
+    monkeypatch.setattr(llm_module, "build_sampler", counting)
+    stream = llm.stream(PROMPT)
+    stream.close()
+    assert made == []
+    llm(PROMPT)
+    assert len(made) == 1 and made[0].closed
