@@ -180,7 +180,7 @@ def test_ctrl_c_mid_chunk_does_not_make_the_next_call_wait_for_the_chunk(model_p
             del own._seq.ctx.decode
         begun = time.monotonic()
         assert own(PROMPT).text == expected
-        assert time.monotonic() - begun < 2.0  # the rest of the chunk alone takes several seconds
+        assert time.monotonic() - begun < 3.0  # the rest of the chunk alone takes several seconds
 
 
 def test_a_start_interrupted_on_its_way_does_not_block(llm, expected):
@@ -200,14 +200,15 @@ STREAM_CLOSE_FROM_HANDLER = """
 import os, signal, sys, threading, time
 from cyllama_cffi import LLM
 llm = LLM(sys.argv[1], temperature=0.0, max_tokens=8)
-stream = llm.stream("Tell me everything about the Roman Empire. " * 80)
+stream = llm.stream("Tell me everything about the Roman Empire. " * 300)  # seconds of prompt
 signal.signal(signal.SIGUSR1, lambda *args: stream.close())
 def send():
     while not llm._seq.tokens:
         time.sleep(0.001)
     os.kill(os.getpid(), signal.SIGUSR1)
 threading.Thread(target=send, daemon=True).start()
-print(list(stream), stream.finish_reason, llm("The capital of France is").finish_reason, flush=True)
+chunks = list(stream)
+print(len(stream.generated), stream.finish_reason, llm("The capital of France is").finish_reason, flush=True)
 """
 
 
@@ -222,4 +223,7 @@ def test_stream_close_from_a_signal_handler_interrupting_its_own_step(tmp_path, 
     done = subprocess.run([sys.executable, str(script), str(model_path)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["[]", "cancelled", "length"]
+    generated, reason, next_reason = done.stdout.split()
+    # The signal comes seconds before the prompt is done; even if the handler ran only after it,
+    # the C flag would stop the first token's decode.
+    assert int(generated) <= 1 and reason == "cancelled" and next_reason == "length"
