@@ -112,12 +112,12 @@ def _tokens(seq: KVSequence, sampler: LlamaSampler, assembler: TextAssembler, ma
     decode_token = ctx.decode_token
     # A greedy chain picks the next token inside the decode's own C call; others sample after it.
     chosen = ffi.new("int32_t *") if sampler.greedy_only else None
+    if max_tokens <= 0:
+        return FinishReason.LENGTH
     token = sampler.sample(ctx)
     while True:
         if cancelled():
             return FinishReason.CANCELLED
-        if len(generated) >= max_tokens:
-            return FinishReason.LENGTH
         if is_eog(token):
             return FinishReason.STOP
         generated.append(token)

@@ -61,12 +61,10 @@ class KVSequence:
     def end_helper(self, wait: bool) -> None:
         """The prompt is done with its helper: ``wait`` joins it now (nothing left running);
         otherwise its thread ends after the chunk it decodes and :meth:`settle` joins it."""
-        helper = self._helper
-        if helper is None:
-            return
-        helper.stop()
         if wait:
             self._join_helper()
+        elif self._helper is not None:
+            self._helper.stop()
 
     def settle(self) -> None:
         """Make the cache match the record before anyone else uses the context.

@@ -251,14 +251,15 @@ class LLM:
     def _sequence_for(self, n_ctx: int, config: GenerationConfig) -> KVSequence:
         """Sequence 0 of a context of at least ``n_ctx`` cells for ``config``: the current one or a new one."""
         # llama.cpp pads n_ctx (to 256 cells): an explicit one is compared as it was asked for.
-        key = (config.n_batch, config.n_ubatch, config.n_threads or usable_cores(), config.n_ctx)
+        n_threads = config.n_threads or usable_cores()
+        key = (config.n_batch, config.n_ubatch, n_threads, config.n_ctx)
         seq = self._seq
         if seq is not None and (self._ctx_key != key or seq.ctx.n_ctx < n_ctx):
             self._close_context()
             seq = None
         if seq is None:
             ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
-                               n_threads=config.n_threads or usable_cores())
+                               n_threads=n_threads)
             ctx.watch_sigint(self._sigint_watchers > 0)
             seq = self._seq = KVSequence(ctx, LlamaBatch(ctx.n_batch))
             self._ctx_key = key

@@ -51,7 +51,7 @@ class Stream(Iterator[str]):
         self._on_finish = on_finish
         self._step_lock = threading.Lock()  # held while the generation computes its next chunk
         self._thread = threading.current_thread()  # the consumer: who created or last stepped it
-        self._stepping: Optional[int] = None  # the thread inside __next__ now, if any
+        self._stepping: Optional[threading.Thread] = None  # the thread inside __next__ now, if any
         self._t_start = time.perf_counter()
         self.state = StreamState.READY
         self.finish_reason: Optional[FinishReason] = None
@@ -71,8 +71,7 @@ class Stream(Iterator[str]):
             if self.state is StreamState.FINISHED:
                 raise StopIteration
             self.state = StreamState.RUNNING
-            self._thread = threading.current_thread()
-            self._stepping = threading.get_ident()
+            self._thread = self._stepping = threading.current_thread()
             try:
                 chunk = next(self._steps)
             except StopIteration as end:
@@ -103,7 +102,7 @@ class Stream(Iterator[str]):
         if self.state is StreamState.FINISHED:
             return
         self._cancellation.interrupt()
-        if self._stepping == threading.get_ident():
+        if self._stepping is threading.current_thread():
             # A signal handler interrupting this stream's own step: waiting for the step lock
             # would wait for ourselves. The C flag set above ends the step's decode instead.
             return
