@@ -164,6 +164,33 @@ int32_t cyl_decode_token(struct llama_context *ctx, struct llama_batch *batch, l
     return code;
 }
 
+int32_t cyl_decode_rows(struct llama_context *ctx, struct llama_batch *batch, int32_t n,
+                        const llama_token *tokens, const llama_pos *pos, const llama_seq_id *seq,
+                        const int8_t *logits, int32_t n_pick, const int32_t *pick_rows,
+                        struct llama_sampler **samplers, int32_t n_vocab, llama_token *picked) {
+    for (int32_t i = 0; i < n; i++) {
+        batch->token[i] = tokens[i];
+        batch->pos[i] = pos[i];
+        batch->n_seq_id[i] = 1;
+        batch->seq_id[i][0] = seq[i];
+        batch->logits[i] = logits[i] != 0;
+    }
+    batch->n_tokens = n;
+    int32_t code = llama_decode(ctx, *batch);
+    if (code != 0) {
+        return code;
+    }
+    for (int32_t i = 0; i < n_pick; i++) {
+        if (samplers[i] != NULL) {
+            picked[i] = llama_sampler_sample(samplers[i], ctx, pick_rows[i]);
+        } else {
+            const float *row = llama_get_logits_ith(ctx, pick_rows[i]);
+            picked[i] = row ? cyl_argmax(row, n_vocab) : -1;
+        }
+    }
+    return 0;
+}
+
 /* ---- log sink --------------------------------------------------------- */
 
 /* Defined by cffi in the generated module: extern "Python+C" in build_libllama.py's

@@ -7,7 +7,8 @@
  *    callback watches, then chains to the previous handler, so Ctrl-C stops a
  *    running decode although Python only runs signal handlers between bytecodes;
  *  - an argmax over logits, the pure-greedy sampling fast path, and the generation
- *    loop's step (one token decoded, the next one picked) in a single call;
+ *    loop's step (one token decoded, the next one picked) in a single call, and the same
+ *    for a step of several sequences;
  *  - a log sink that filters llama.cpp's log lines in C and forwards only the
  *    wanted ones to Python;
  *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see cyllama_cffi/_huge_pages.py).
@@ -57,6 +58,17 @@ int32_t cyl_argmax(const float *values, int32_t count);
  * token instead of ~8: right after a decode the CPU caches hold weights, not Python. */
 int32_t cyl_decode_token(struct llama_context *ctx, struct llama_batch *batch, llama_token token,
                          llama_pos pos, int32_t n_vocab, int32_t *argmax_out);
+
+/* One step of several sequences: fill `batch` with the n rows (tokens[i] at pos[i] of sequence
+ * seq[i], logits[i] nonzero where that row's logits are wanted), decode, and on success choose
+ * the next token of each of the n_pick rows in pick_rows: with samplers[i]
+ * (llama_sampler_sample, which also accepts it), or where samplers[i] is NULL the first largest
+ * logit. Returns llama_decode's code (picked is written only on 0; -1 where llama.cpp has no
+ * logits). The whole step is one C call, so its Python cost does not grow with the rows. */
+int32_t cyl_decode_rows(struct llama_context *ctx, struct llama_batch *batch, int32_t n,
+                        const llama_token *tokens, const llama_pos *pos, const llama_seq_id *seq,
+                        const int8_t *logits, int32_t n_pick, const int32_t *pick_rows,
+                        struct llama_sampler **samplers, int32_t n_vocab, llama_token *picked);
 
 /* Log sink for llama_log_set: lines at or above the threshold go to Python. */
 void cyl_log_sink(enum ggml_log_level level, const char *text, void *user_data);

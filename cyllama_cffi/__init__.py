@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS: Dict[str, str] = {
     "LLM": "llm",
+    "BatchGenerator": "batching", "BatchRequest": "batching", "BatchResponse": "batching",
+    "batch_generate": "batching",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
@@ -40,6 +42,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from ._ffi import ffi, lib
     from ._logging import set_verbose
+    from .batching import BatchGenerator, BatchRequest, BatchResponse, batch_generate
     from .config import GenerationConfig
     from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
                          InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)

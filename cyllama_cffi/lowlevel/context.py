@@ -77,6 +77,7 @@ class LlamaContext(CHandle):
         n_threads: Optional[int] = None,
         n_threads_batch: Optional[int] = None,
         n_seq_max: int = 1,
+        kv_unified: bool = False,
         embeddings: bool = False,
     ) -> None:
         if model.vocab_only:
@@ -95,6 +96,7 @@ class LlamaContext(CHandle):
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = n_seq_max
+        params.kv_unified = kv_unified  # False: each sequence has n_ctx / n_seq_max cells of its own
         params.n_threads = threads
         params.n_threads_batch = threads_batch
         params.embeddings = embeddings
@@ -268,6 +270,33 @@ class LlamaContext(CHandle):
         finally:
             self._busy.release()
         self._raise_for(code, n_past)
+
+    def decode_rows(self, batch: LlamaBatch, n_rows: int, tokens: Any, positions: Any, seq_ids: Any,
+                    want_logits: Any, n_pick: int, pick_rows: Any, samplers: Any, picked: Any) -> None:
+        """Decode one step of several sequences and pick each listed row's next token, in one C call.
+
+        The row arrays are C arrays (``int32_t``; ``int8_t`` for ``want_logits``) of at least
+        ``n_rows`` entries, all token ids already checked against the vocabulary; ``samplers``
+        holds a ``struct llama_sampler *`` per picked row (NULL: the first largest logit).
+        ``picked`` receives the choices. On an abort, each sequence's cells past what was
+        really committed are dropped, and ``DecodeAborted`` is raised (its ``n_past`` is -1:
+        ask each sequence with :meth:`memory_seq_pos_max`). Raises as :meth:`decode` does.
+        """
+        if not 0 < n_rows <= self.n_batch:
+            raise ValueError(f"a step needs 1..{self.n_batch} rows, got {n_rows}")
+        pointer = self._acquire()
+        try:
+            self._logit_rows = ()
+            code = lib.cyl_decode_rows(pointer, batch.ptr, n_rows, tokens, positions, seq_ids, want_logits,
+                                       n_pick, pick_rows, samplers, self._n_vocab, picked)
+            if code == 0:
+                self._logit_rows = frozenset(pick_rows[i] for i in range(n_pick))
+                return
+            for seq_id in set(seq_ids[i] for i in range(n_rows)):
+                self._trim_locked(seq_id)  # keep only what was really committed
+        finally:
+            self._busy.release()
+        self._raise_for(code, -1)
 
     def _raise_for(self, code: int, n_past: int) -> None:
         if code == 2:

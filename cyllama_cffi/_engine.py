@@ -1,0 +1,282 @@
+"""The multi-sequence engine: several generations in one context, one ``llama_decode`` a step.
+
+:class:`Engine` owns a context of ``n_seq_max`` sequences. Each :class:`EngineSequence` is one
+generation: its prompt, its own sampler chain, stop rules and limits. A :meth:`Engine.step`
+builds one batch holding the next token of every sequence that is generating plus chunks of
+prompts still to be read (at most ``prompt_budget`` prompt tokens a step, so a long prompt
+does not freeze the others), decodes it, and picks every sequence's next token, all in one C
+call (``cyl_decode_rows``): the step's Python cost does not grow with the number of rows,
+only with the number of sequences whose text it hands out. Sequences join with :meth:`add` and
+leave (finished, cancelled) between steps; their sequence id and KV cells are then free for
+the next one. One thread drives the steps; :meth:`cancel` (any thread) stops them all, even
+inside a running decode, and :meth:`EngineSequence.cancel` ends one at the next step.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import deque
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
+
+from ._cancel import Cancellation
+from ._ffi import ffi
+from ._text import TextAssembler
+from .errors import ClosedError, DecodeAborted
+from .lowlevel.batch import LlamaBatch
+from .lowlevel.context import LlamaContext
+from .lowlevel.model import LlamaModel
+from .lowlevel.sampler import LlamaSampler
+from .response import FinishReason, GenerationStats
+
+__all__ = ["Engine", "EngineSequence"]
+
+TextSink = Callable[[str], None]
+
+
+class EngineSequence:
+    """One generation run by an :class:`Engine`: what it reads, how it samples, what it produced.
+
+    ``on_text`` receives each piece of text as soon as it is final (whole characters, stop
+    sequences held back and cut); without one the pieces collect in ``pieces``.
+    ``finish_reason`` is None while it runs.
+    """
+
+    def __init__(self, prompt: Sequence[int], sampler: LlamaSampler, max_tokens: int,
+                 stop_sequences: Sequence[str] = (), on_text: Optional[TextSink] = None) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        self.prompt = list(prompt)
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.assembler = TextAssembler(stop_sequences)
+        self.pieces: List[str] = []
+        self.on_text: TextSink = on_text if on_text is not None else self.pieces.append
+        self.generated: List[int] = []
+        self.cached: List[int] = []  # tokens whose K/V are in the cache, in position order
+        self.seq_id = -1  # assigned when the engine takes it
+        self.capacity = 0  # positions the sequence may use in all
+        self.pending = -1  # sampled, emitted, not yet decoded
+        self.finish_reason: Optional[FinishReason] = None
+        self._cancel = False
+        self.t_added = time.perf_counter()
+        self.t_prompt_done = 0.0
+        self.t_finished = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """End this sequence at the next step (any thread); the others go on."""
+        self._cancel = True
+
+    @property
+    def stats(self) -> GenerationStats:
+        end = self.t_finished or time.perf_counter()
+        prompt_done = self.t_prompt_done or end
+        generation_time = end - prompt_done
+        n = len(self.generated)
+        return GenerationStats(prompt_tokens=len(self.prompt), generated_tokens=n, total_time=end - self.t_added,
+                               prompt_time=prompt_done - self.t_added, generation_time=generation_time,
+                               tokens_per_second=n / generation_time if generation_time > 0 else 0.0)
+
+    # -- called by the engine's stepping thread --------------------------------------------
+    def _take(self, token: int, is_eog: Callable[[int], bool], piece_bytes: Callable[[int], bytes]) -> None:
+        """The token picked from this sequence's logits: emit it, or end here."""
+        if is_eog(token):
+            self._finish(FinishReason.STOP)
+            return
+        self.generated.append(token)
+        text = self.assembler.feed(piece_bytes(token))
+        if text:
+            self.on_text(text)
+        if self.assembler.stopped:
+            self._finish(FinishReason.STOP)
+        elif len(self.generated) >= self.max_tokens or len(self.cached) >= self.capacity:
+            self._finish(FinishReason.LENGTH)
+        else:
+            self.pending = token
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        self.pending = -1
+        tail = self.assembler.finish()
+        if tail:
+            self.on_text(tail)
+        self.sampler.close()  # the sequence owns its chain
+        self.t_finished = time.perf_counter()
+
+
+class Engine:
+    """A context of ``n_seq_max`` sequences decoded together, one ``llama_decode`` a step.
+
+    ``kv_unified=False`` (llama.cpp's default) gives each sequence ``n_ctx // n_seq_max``
+    cells of its own, the fastest attention; ``True`` lets any sequence use any free cell.
+    ``prompt_budget``: most prompt tokens one step reads (default: the whole batch).
+    """
+
+    def __init__(self, model: LlamaModel, *, n_ctx: int, n_seq_max: int, n_batch: int = 2048,
+                 n_ubatch: int = 512, n_threads: Optional[int] = None, kv_unified: bool = False,
+                 prompt_budget: Optional[int] = None) -> None:
+        if n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
+        self.ctx = LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+                                n_seq_max=n_seq_max, kv_unified=kv_unified)
+        self.n_seq_max = n_seq_max
+        self.seq_capacity = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // n_seq_max
+        self.n_batch = self.ctx.n_batch
+        self.prompt_budget = self.n_batch if prompt_budget is None else max(1, min(prompt_budget, self.n_batch))
+        self.batch = LlamaBatch(self.n_batch)
+        self.cancellation = Cancellation()
+        self.cancellation.attach(self.ctx)
+        self._free_ids: Deque[int] = deque(range(n_seq_max))
+        self._running: List[EngineSequence] = []  # in the order they joined
+        # Row arrays handed to C each step; allocated once, at the largest size a step can have.
+        self._tokens = ffi.new("int32_t[]", self.n_batch)
+        self._positions = ffi.new("int32_t[]", self.n_batch)
+        self._seq_ids = ffi.new("int32_t[]", self.n_batch)
+        self._want_logits = ffi.new("int8_t[]", self.n_batch)
+        self._pick_rows = ffi.new("int32_t[]", n_seq_max)
+        self._samplers = ffi.new("struct llama_sampler *[]", n_seq_max)
+        self._picked = ffi.new("int32_t[]", n_seq_max)
+
+    # -- membership ---------------------------------------------------------------------------
+    @property
+    def running(self) -> List[EngineSequence]:
+        """The sequences still running, in the order they joined."""
+        return list(self._running)
+
+    @property
+    def has_room(self) -> bool:
+        return bool(self._free_ids)
+
+    def add(self, sequence: EngineSequence) -> EngineSequence:
+        """Let ``sequence`` join at the next step; ValueError if its prompt cannot fit a sequence."""
+        if not self._free_ids:
+            raise ValueError(f"all {self.n_seq_max} sequences are in use")
+        if len(sequence.prompt) >= self.seq_capacity:
+            raise ValueError(f"the prompt has {len(sequence.prompt)} tokens but a sequence holds "
+                             f"{self.seq_capacity}; shorten the prompt or raise n_ctx")
+        self.ctx.vocab.check_tokens(sequence.prompt)
+        sequence.seq_id = self._free_ids.popleft()
+        sequence.capacity = self.seq_capacity
+        self._running.append(sequence)
+        if sequence.max_tokens <= 0:
+            self._end(sequence, FinishReason.LENGTH)
+        return sequence
+
+    def cancel(self) -> None:
+        """Stop every sequence soon, even inside a running decode; safe from any thread."""
+        self.cancellation.request()
+
+    def begin(self) -> None:
+        """Forget an earlier cancel: call before the steps of new work start."""
+        self.cancellation.begin()
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One decode for all running sequences: each generating one's next token and prompt chunks.
+
+        Sequences that finish leave at the end of the step. A cancel ends them all (CANCELLED).
+        """
+        cancelled = self.cancellation.is_requested()
+        for sequence in [s for s in self._running if s._cancel or cancelled]:
+            self._end(sequence, FinishReason.CANCELLED)
+        if not self._running:
+            return
+        tokens, positions, seq_ids, want = self._tokens, self._positions, self._seq_ids, self._want_logits
+        pickers: List[EngineSequence] = []  # the sequences whose next token this step picks
+        generating: List[EngineSequence] = []
+        chunks: List[Tuple[EngineSequence, int]] = []
+        n = 0
+        for sequence in self._running:  # one token each for those generating
+            if sequence.pending >= 0:
+                tokens[n] = sequence.pending
+                positions[n] = len(sequence.cached)
+                seq_ids[n] = sequence.seq_id
+                want[n] = 1
+                self._pick_rows[len(pickers)] = n
+                pickers.append(sequence)
+                generating.append(sequence)
+                n += 1
+        budget = min(self.prompt_budget, self.n_batch - n)
+        for sequence in self._running:  # then prompt chunks, oldest first, within the budget
+            start = len(sequence.cached)
+            if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):
+                continue
+            chunk = sequence.prompt[start:start + budget]
+            count = len(chunk)
+            ffi.memmove(tokens + n, array("i", chunk), 4 * count)
+            ffi.memmove(positions + n, array("i", range(start, start + count)), 4 * count)
+            ffi.memmove(seq_ids + n, array("i", [sequence.seq_id]) * count, 4 * count)
+            ffi.memmove(want + n, bytes(count), count)
+            n += count
+            budget -= count
+            chunks.append((sequence, count))
+            if start + count == len(sequence.prompt):
+                want[n - 1] = 1
+                self._pick_rows[len(pickers)] = n - 1
+                pickers.append(sequence)
+        for index, sequence in enumerate(pickers):
+            sampler = sequence.sampler  # a greedy chain's choice is the argmax, done in C
+            self._samplers[index] = ffi.NULL if sampler.greedy_only else sampler.ptr
+        try:
+            self.ctx.decode_rows(self.batch, n, tokens, positions, seq_ids, want, len(pickers), self._pick_rows,
+                                 self._samplers, self._picked)
+        except DecodeAborted:  # a cancel (or Ctrl-C) stopped the decode: everything ends
+            for sequence in list(self._running):
+                self._end(sequence, FinishReason.CANCELLED)
+            return
+        for sequence in generating:  # what the step put in the cache goes on record
+            sequence.cached.append(sequence.pending)
+            sequence.pending = -1
+        for sequence, count in chunks:
+            start = len(sequence.cached)
+            sequence.cached.extend(sequence.prompt[start:start + count])
+        now = time.perf_counter()
+        vocab = self.ctx.vocab
+        is_eog, piece_bytes = vocab.is_eog, vocab.piece_bytes
+        picked = self._picked
+        for index, sequence in enumerate(pickers):
+            if not sequence.t_prompt_done:
+                sequence.t_prompt_done = now
+            sequence._take(picked[index], is_eog, piece_bytes)
+        for sequence in [s for s in self._running if s.finished]:
+            self._release(sequence)
+
+    def run(self) -> None:
+        """Step until every running sequence has finished."""
+        while self._running:
+            self.step()
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def drop(self, sequence: EngineSequence) -> None:
+        """End ``sequence`` now (cancelled) and free its cells; from the stepping thread only."""
+        if sequence in self._running:
+            self._end(sequence, FinishReason.CANCELLED)
+
+    def _end(self, sequence: EngineSequence, reason: FinishReason) -> None:
+        if not sequence.finished:
+            sequence._finish(reason)
+        self._release(sequence)
+
+    def _release(self, sequence: EngineSequence) -> None:
+        """The sequence leaves: its cells and its id are free for the next one."""
+        self._running.remove(sequence)
+        try:
+            self.ctx.memory_seq_rm(sequence.seq_id, -1, -1)
+        except ClosedError:
+            pass
+        self._free_ids.append(sequence.seq_id)
+
+    def close(self) -> None:
+        for sequence in list(self._running):
+            self._end(sequence, FinishReason.CANCELLED)
+        self.cancellation.attach(None)
+        self.ctx.close()
+        self.batch.close()
