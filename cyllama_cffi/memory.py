@@ -149,18 +149,14 @@ def _parse(reader: _Reader) -> _ModelShape:
     return _shape(reader.path, meta, layer_bytes, other_bytes, n_params)
 
 
-def _number(meta: Dict[str, Any], key: str, default: Optional[int] = None) -> Any:
+def _int(meta: Dict[str, Any], key: str, path: str, default: Optional[int] = None) -> int:
+    """A whole-model hyperparameter; some models store one per layer (an array), which is not supported."""
     value = meta.get(key, default)
     if value is None:
-        raise ValueError(f"the GGUF metadata has no {key}")
-    return value
-
-
-def _per_layer(value: Any, n_layer: int, reader_path: str, key: str) -> List[int]:
-    """A hyperparameter that is one number, or an array with one per layer (some models vary it)."""
-    if isinstance(value, _Array):
-        raise ValueError(f"{reader_path}: per-layer {key} arrays are not supported by the estimate")
-    return [int(value)] * n_layer
+        raise ValueError(f"{path}: the GGUF metadata has no {key}")
+    if isinstance(value, _Array) or isinstance(value, bytes):
+        raise ValueError(f"{path}: {key} is not a single number (per-layer values are not supported)")
+    return int(value)
 
 
 def _shape(path: str, meta: Dict[str, Any], layer_bytes: Dict[int, int], other_bytes: int,
@@ -168,22 +164,19 @@ def _shape(path: str, meta: Dict[str, Any], layer_bytes: Dict[int, int], other_b
     arch = meta.get("general.architecture")
     if not isinstance(arch, bytes):
         raise ValueError(f"{path}: the GGUF metadata has no general.architecture")
-    arch_name = arch.decode("utf-8", "replace")
-    n_layer = int(_number(meta, f"{arch_name}.block_count"))
-    n_embd = int(_number(meta, f"{arch_name}.embedding_length"))
-    n_head_value = _number(meta, f"{arch_name}.attention.head_count", 0)
-    n_head = _per_layer(n_head_value, n_layer, path, "head_count")[0] if n_layer else 0
-    n_head_kv = _per_layer(meta.get(f"{arch_name}.attention.head_count_kv", n_head), n_layer, path, "head_count_kv")
-    head_k = int(meta.get(f"{arch_name}.attention.key_length", n_embd // n_head if n_head else 0))
-    head_v = int(meta.get(f"{arch_name}.attention.value_length", head_k))
+    name = arch.decode("utf-8", "replace")
+    n_layer = _int(meta, f"{name}.block_count", path)
+    n_embd = _int(meta, f"{name}.embedding_length", path)
+    n_head = _int(meta, f"{name}.attention.head_count", path, 0)
+    n_head_kv = _int(meta, f"{name}.attention.head_count_kv", path, n_head)
+    head_k = _int(meta, f"{name}.attention.key_length", path, n_embd // n_head if n_head else 0)
+    head_v = _int(meta, f"{name}.attention.value_length", path, head_k)
     tokens = meta.get("tokenizer.ggml.tokens")
-    n_vocab = tokens.count if isinstance(tokens, _Array) else int(meta.get(f"{arch_name}.vocab_size", 0))
-    n_ff = meta.get(f"{arch_name}.feed_forward_length", 0)
-    n_ff = 0 if isinstance(n_ff, _Array) else int(n_ff)
+    n_vocab = tokens.count if isinstance(tokens, _Array) else _int(meta, f"{name}.vocab_size", path, 0)
     return _ModelShape(
-        architecture=arch_name, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_vocab=n_vocab,
-        n_ctx_train=int(meta.get(f"{arch_name}.context_length", 0)),
-        kv_width=[n * (head_k + head_v) for n in n_head_kv],
+        architecture=name, n_layer=n_layer, n_embd=n_embd, n_ff=_int(meta, f"{name}.feed_forward_length", path, 0),
+        n_head=n_head, n_vocab=n_vocab, n_ctx_train=_int(meta, f"{name}.context_length", path, 0),
+        kv_width=[n_head_kv * (head_k + head_v)] * n_layer,
         layer_bytes=[layer_bytes.get(i, 0) for i in range(n_layer)],
         other_bytes=other_bytes + sum(b for i, b in layer_bytes.items() if i >= n_layer),
         n_params=n_params,

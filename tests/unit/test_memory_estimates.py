@@ -131,3 +131,20 @@ def test_a_header_without_the_shape_is_a_value_error(tmp_path):
     model = write_model(tmp_path / "m.gguf", **{"llama.block_count": (None, None)})
     with pytest.raises(ValueError, match="llama.block_count"):
         estimate_memory_usage(model)
+
+
+def test_per_layer_hyperparameters_are_refused_by_name(tmp_path):
+    model = write_model(tmp_path / "m.gguf", **{"llama.attention.head_count_kv": (ARRAY, (UINT32, [2] * N_LAYER))})
+    with pytest.raises(ValueError, match="head_count_kv is not a single number"):
+        estimate_memory_usage(model)
+
+
+def test_layers_spill_over_to_the_next_gpu(model):
+    graph = 512 * (N_VOCAB + 2 * N_EMBD) * 4
+    per_layer = LAYER_BYTES + 2048 * KV_WIDTH * 2
+    assert per_layer < MiB  # so a 1 MB second GPU takes exactly one layer
+    first_mb = -(-(graph + per_layer) // MiB)  # the graph and one layer (no room for two: checked below)
+    assert graph + 2 * per_layer > first_mb * MiB
+    estimate = estimate_gpu_layers(model, [first_mb, 1], ctx_size=2048)
+    assert estimate.tensor_split == [1, 1] and estimate.layers == 2
+    assert estimate.vram == graph + 2 * per_layer
