@@ -2,8 +2,8 @@
 
 ``estimate_memory_usage`` gives the bytes llama.cpp allocates for the weights, the KV cache and
 the compute graph; ``estimate_gpu_layers`` how many layers fit in a GPU's memory. Both read the
-header in pure Python (no llama.cpp, nothing mapped but the header), so they answer in
-milliseconds for a model of any size.
+header in pure Python (no llama.cpp; the file is mapped, but only the header's pages are
+read), so they answer in milliseconds for a model of any size.
 
 What llama.cpp allocates on the CPU, and how close these come (checked by the tests):
 - weights: the sum of the tensors' sizes, exact (llama.cpp's ``CPU_Mapped model buffer``);
