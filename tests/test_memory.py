@@ -85,3 +85,13 @@ def test_gpu_fit_uses_the_same_sizes(model_path):
     assert everything.total_size == usage["weights_bytes"]
     half = estimate_gpu_layers(model_path, (everything.vram // 2) // MiB, ctx_size=2048)
     assert 0 < half.layers < everything.layers and half.vram <= everything.vram // 2
+
+
+def test_the_type_table_matches_ggml():
+    """memory.py carries ggml's block sizes in pure Python; a llama.cpp upgrade that changes them fails here."""
+    from cyllama_cffi._ffi import lib
+    from cyllama_cffi.memory import _GGML_TYPES
+
+    live = {t: (lib.ggml_blck_size(t), lib.ggml_type_size(t)) for t in range(lib.GGML_TYPE_COUNT)
+            if lib.ggml_blck_size(t) > 0}
+    assert _GGML_TYPES == live
