@@ -27,6 +27,8 @@ _EXPORTS: Dict[str, str] = {
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
     "install_sigint_handler": "sigint", "SigintHandle": "sigint",
     "set_verbose": "_logging",
+    "ResponseCacheInfo": "_response_cache",
+    "estimate_gpu_layers": "memory", "estimate_memory_usage": "memory",
     "default_model_path": "models",
     "LlamaModel": "lowlevel", "LlamaVocab": "lowlevel", "LlamaContext": "lowlevel",
     "LlamaBatch": "lowlevel", "LlamaSampler": "lowlevel",
@@ -42,12 +44,14 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from ._ffi import ffi, lib
     from ._logging import set_verbose
+    from ._response_cache import ResponseCacheInfo
     from .batching import BatchGenerator, BatchRequest, BatchResponse, batch_generate
     from .config import GenerationConfig
     from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
                          InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
     from .llm import LLM
     from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab
+    from .memory import estimate_gpu_layers, estimate_memory_usage
     from .models import default_model_path
     from .response import FinishReason, GenerationStats, Response
     from .sigint import SigintHandle, install_sigint_handler

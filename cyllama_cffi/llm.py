@@ -18,6 +18,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 from . import _generation
 from ._cancel import Cancellation
 from ._logging import set_verbose
+from ._response_cache import ResponseCacheInfo, cache_key, copy_response, make_cache
 from ._sequence import KVSequence
 from .chat import format_chat
 from .config import GenerationConfig
@@ -42,16 +43,22 @@ _MODEL_FIELDS = ("n_gpu_layers", "main_gpu", "split_mode", "tensor_split", "use_
 class LLM:
     """A model ready to generate text.
 
-    ``LLM(model_path, config=None, verbose=False, **overrides)``: fields in ``overrides``
-    replace those of ``config`` (unknown names raise ``TypeError``). The file is checked before
-    llama.cpp reads it (``InvalidGGUFError``).
+    ``LLM(model_path, config=None, verbose=False, cache_size=0, cache_ttl=None, **overrides)``:
+    fields in ``overrides`` replace those of ``config`` (unknown names raise ``TypeError``). The
+    file is checked before llama.cpp reads it (``InvalidGGUFError``).
+
+    ``cache_size > 0`` keeps that many finished responses of reproducible calls (fixed seed, no
+    stream, no ``on_token``) and answers a repeated call from them without decoding;
+    ``cache_ttl`` seconds bound their life (None: until evicted). See ``cache_info()``.
 
     After each generation, ``last_stats``, ``last_finish_reason`` and ``last_finished_at`` (the
     ``time.perf_counter()`` at its end) describe it.
     """
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
-                 verbose: bool = False, **overrides: Any) -> None:
+                 verbose: bool = False, cache_size: int = 0, cache_ttl: Optional[float] = None,
+                 **overrides: Any) -> None:
+        self._response_cache = make_cache(cache_size, cache_ttl)  # bad values fail before the model loads
         base = config if config is not None else GenerationConfig()
         if not isinstance(base, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(base).__name__}")
@@ -116,13 +123,42 @@ class LLM:
         """Generate from ``prompt``: a ``Response``, or with ``stream=True`` a :class:`Stream` of text chunks.
 
         ``prompt`` is text, or a sequence of token ids (e.g. from ``tokenize()``) decoded as given.
+        With the response cache on, a reproducible call seen before is answered from it.
         """
+        key = None
+        cache = self._response_cache
+        if cache is not None and not stream and on_token is None and not self._closed:
+            effective = config or self.config
+            if isinstance(effective, GenerationConfig) and all(  # else stream() raises, as without a cache
+                    getattr(effective, name) == getattr(self.config, name) for name in _MODEL_FIELDS):
+                key = cache_key(prompt, effective)
+            cached = cache.get(key) if key is not None else None
+            if cached is not None:
+                return copy_response(cached)
         generation = self.stream(prompt, config, on_token)
         if stream:
             return generation
         with generation:  # an exception (Ctrl-C) while joining ends it at once
             text = "".join(generation)
-        return Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_name)
+        response = Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_name)
+        if key is not None and response.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            cache.put(key, copy_response(response))  # a cancelled generation is cut short: not the answer
+        return response
+
+    # -- response cache ------------------------------------------------------------------------
+    @property
+    def cache_enabled(self) -> bool:
+        """True when the LLM was made with ``cache_size > 0``."""
+        return self._response_cache is not None
+
+    def cache_info(self) -> Optional[ResponseCacheInfo]:
+        """Hits, misses, maxsize, currsize and ttl of the response cache; None when it is off."""
+        return self._response_cache.info() if self._response_cache is not None else None
+
+    def cache_clear(self) -> None:
+        """Forget every cached response and reset the counts (nothing to do when the cache is off)."""
+        if self._response_cache is not None:
+            self._response_cache.clear()
 
     def generate(self, prompt: Prompt, config: Optional[GenerationConfig] = None, **kwargs: Any
                  ) -> Union[Response, Stream]:
