@@ -141,23 +141,6 @@ def test_the_default_models_template_renders_as_llama_cpp_does_and_adds_its_syst
     assert own.endswith(llama_cpp(USER_FIRST, "chatml"))
 
 
-# -- the environment Hugging Face templates expect ---------------------------------------------------
-
-def test_the_environment_hugging_face_templates_expect(models):
-    from cyllama_cffi._jinja import render as jinja
-
-    template = ("{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}|"
-                "{{ m | tojson(indent=1) | length > 20 }}|\n{% endfor %}{{ bos_token }}{{ eos_token }}"
-                "{{ strftime_now('%Y') | length }}{{ add_generation_prompt }}")
-    text = jinja(template, [{"role": "user", "content": "<é>"}, {"role": "x", "content": "y"}], True, "<s>", "</s>")
-    # lstrip/trim_blocks drop the blocks' lines; tojson keeps non-ASCII and <, >; break ends the loop.
-    assert text == '{"role": "user", "content": "<é>"}|True|\n<s></s>4True'
-    messages = [{"role": "user", "content": "x"}]
-    with pytest.raises(jinja2.exceptions.SecurityError):  # the sandbox cannot change the messages
-        jinja("{{ messages.append(1) }}", messages, True, "", "")
-    assert messages == [{"role": "user", "content": "x"}]
-
-
 # -- template= and the fallbacks ---------------------------------------------------------------------
 
 def test_a_template_stored_by_name_a_builtin_name_or_a_text(models):
