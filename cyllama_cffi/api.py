@@ -10,7 +10,7 @@ package root.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from . import chat_template as _templates
 from ._logging import set_verbose
@@ -79,7 +79,7 @@ def simple(model_path: PathLike, prompt: str, ngl: int = -1, n_predict: int = 32
     return stream.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
 
 
-def _one_shot(llm: LLM, call: Any) -> Union[Response, Stream]:
+def _one_shot(llm: LLM, call: Callable[[], Union[Response, Stream]]) -> Union[Response, Stream]:
     """``call()``'s result; the LLM is closed after it, or when the stream it returned ends."""
     try:
         result = call()

@@ -67,7 +67,7 @@ class LLM:
         self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
         self._ctx_key: Any = None
         self._cancellation = Cancellation()
-        self._lock = threading.Lock()  # guards the two fields below
+        self._lock = threading.Lock()  # guards the three fields below
         self._owner: Optional["weakref.ReferenceType[Stream]"] = None
         self._close_with: Optional["weakref.ReferenceType[Stream]"] = None  # see _close_when_done
         self._starting: Optional[threading.Thread] = None  # the thread setting a generation up
