@@ -52,9 +52,9 @@ def apply_chat_template(model: LlamaModel, messages: Sequence[Message], template
     :class:`~cyllama_cffi.errors.ChatTemplateError`.
     """
     checked = _checked(messages)
-    if template is not None:
-        if not isinstance(template, str):
-            raise TypeError(f"template must be a str or None, got {type(template).__name__}")
+    if template is not None and not isinstance(template, str):
+        raise TypeError(f"template must be a str or None, got {type(template).__name__}")
+    if template:  # "" is the model's own, as in cyllama
         return _asked_for(model, template, checked, add_generation_prompt)
     own = model.chat_template()
     if own is None:
@@ -102,8 +102,8 @@ def format_messages_simple(messages: Sequence[Message], add_generation_prompt: b
 
 def _asked_for(model: LlamaModel, template: str, messages: List[Dict[str, Any]], add_generation_prompt: bool) -> str:
     """The rendering for an explicit ``template``: stored name, built-in name or text."""
-    stored = template and "\0" not in template  # a NUL would cut the key short in C
-    text = model.chat_template(template) if stored else None  # tokenizer.chat_template.<template>
+    # tokenizer.chat_template.<template>; a NUL would cut the key short in C
+    text = model.chat_template(template) if "\0" not in template else None
     text = text if text is not None else template
     rendered = _render_llama_cpp(text, messages, add_generation_prompt)
     if rendered is not None:

@@ -152,6 +152,9 @@ def test_a_template_stored_by_name_a_builtin_name_or_a_text(models):
     # A Jinja text llama.cpp does not know is rendered with Jinja (cyllama would raise).
     assert render(models["chatml"], USER_FIRST[:1], template="{{ messages[0].content | upper }}!") == "HELLO!"
     assert "chatml" in builtin_templates() and "llama3" in builtin_templates()
+    assert render(stored, USER_FIRST, template="") == render(stored, USER_FIRST)  # "": the model's own
+    with pytest.raises(TypeError, match="template must be a str"):
+        render(stored, USER_FIRST, template=b"chatml")
     with pytest.raises(ChatTemplateError, match="unknown chat template 'no-such-template'.*chatml"):
         render(stored, USER_FIRST, template="no-such-template")
 
