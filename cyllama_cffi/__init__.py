@@ -1,7 +1,9 @@
 """cyllama_cffi: a pure-Python (cffi) binding over llama.cpp with two-layer cancellation.
 
 High level: :class:`LLM` generates from a :class:`GenerationConfig`, returning a
-:class:`Response` or a :class:`Stream`; ``llm.cancel()`` stops it from any thread. Low level
+:class:`Response` or a :class:`Stream`; ``llm.cancel()`` stops it from any thread;
+``llm.chat(messages)`` renders the model's chat template first. ``complete``, ``chat`` and
+``simple`` (from :mod:`cyllama_cffi.api`) do one call with a model loaded for it. Low level
 (:mod:`cyllama_cffi.lowlevel`): ``LlamaModel``, ``LlamaVocab``, ``LlamaContext``,
 ``LlamaBatch``, ``LlamaSampler``, each owning one C handle. ``ffi``/``lib`` expose all of
 ``llama.h`` for anything not wrapped.
@@ -22,6 +24,7 @@ _EXPORTS: Dict[str, str] = {
     "LLM": "llm",
     "BatchGenerator": "batching", "BatchRequest": "batching", "BatchResponse": "batching",
     "batch_generate": "batching",
+    "complete": "api", "chat": "api", "simple": "api",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
@@ -35,7 +38,7 @@ _EXPORTS: Dict[str, str] = {
     "LlamaError": "errors", "ClosedError": "errors", "ModelLoadError": "errors", "InvalidGGUFError": "errors",
     "LoadCancelled": "errors", "ModelFetchError": "errors", "DecodeError": "errors",
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
-    "LLMBusyError": "errors",
+    "LLMBusyError": "errors", "ChatTemplateError": "errors",
     "ffi": "_ffi", "lib": "_ffi",
 }
 
@@ -46,8 +49,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from ._logging import set_verbose
     from ._response_cache import ResponseCacheInfo
     from .batching import BatchGenerator, BatchRequest, BatchResponse, batch_generate
+    from .api import chat, complete, simple
     from .config import GenerationConfig
-    from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
+    from .errors import (ChatTemplateError, ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
                          InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
     from .llm import LLM
     from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab

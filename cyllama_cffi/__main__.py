@@ -30,9 +30,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with LLM(model_path, config=config, verbose=args.verbose) as llm:
-        prompt = args.prompt if args.raw else llm.format_chat([{"role": "user", "content": args.prompt}])
+        messages = [{"role": "user", "content": args.prompt}]
         with llm.install_sigint_handler():
-            for chunk in llm(prompt, stream=True):
+            for chunk in llm(args.prompt, stream=True) if args.raw else llm.chat(messages, stream=True):
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
         stats = llm.last_stats

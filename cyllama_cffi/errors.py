@@ -11,6 +11,7 @@ The hierarchy::
     ├── DecodeError              llama_decode failed; ``code`` is its return value
     │   ├── ContextFullError     no KV-cache room for the batch (code 1)
     │   └── DecodeAborted        the abort flag stopped the decode (code 2)
+    ├── ChatTemplateError        no chat template could render the messages (also a ValueError)
     └── ContextBusyError         another thread is using the context
         └── LLMBusyError         another thread is generating on this LLM
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "LlamaError", "ClosedError", "ModelLoadError", "InvalidGGUFError", "LoadCancelled", "ModelFetchError",
-    "DecodeError", "ContextFullError", "DecodeAborted", "ContextBusyError", "LLMBusyError",
+    "DecodeError", "ContextFullError", "DecodeAborted", "ChatTemplateError", "ContextBusyError", "LLMBusyError",
 ]
 
 
@@ -80,6 +81,16 @@ class DecodeAborted(DecodeError):
         super().__init__(message, 2)
         self.args = (message, n_past)  # what pickling passes back to __init__
         self.n_past = n_past
+
+
+class ChatTemplateError(LlamaError, ValueError):
+    """No chat template could render the messages.
+
+    The model's template refused them (its ``raise_exception``, e.g. "System role not
+    supported") or failed, and llama.cpp's template engine does not know it either; or the
+    ``template`` asked for is neither stored in the model, nor a llama.cpp built-in, nor a Jinja
+    template. The Jinja error, when there was one, is the ``__cause__``.
+    """
 
 
 class ContextBusyError(LlamaError):

@@ -20,7 +20,7 @@ from ._cancel import Cancellation
 from ._logging import set_verbose
 from ._response_cache import ResponseCacheInfo, cache_key, copy_response, make_cache
 from ._sequence import KVSequence
-from .chat import format_chat
+from .chat_template import apply_chat_template, get_chat_template
 from .config import GenerationConfig
 from .errors import ClosedError, LLMBusyError
 from .lowlevel.batch import LlamaBatch
@@ -74,8 +74,9 @@ class LLM:
         self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
         self._ctx_key: Any = None
         self._cancellation = Cancellation()
-        self._lock = threading.Lock()  # guards the two fields below
+        self._lock = threading.Lock()  # guards the three fields below
         self._owner: Optional["weakref.ReferenceType[Stream]"] = None
+        self._close_with: Optional["weakref.ReferenceType[Stream]"] = None  # see _close_when_done
         self._starting: Optional[threading.Thread] = None  # the thread setting a generation up
         self._sigint_watchers = 0
         self._closed = False
@@ -208,9 +209,49 @@ class LLM:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.vocab.detokenize(tokens)
 
-    def format_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's chat template (see :func:`cyllama_cffi.chat.format_chat`)."""
-        return format_chat(self.model, messages, add_generation_prompt)
+    def chat(self, messages: Sequence[Mapping[str, Any]], config: Optional[GenerationConfig] = None,
+             stream: bool = False, template: Optional[str] = None) -> Union[Response, Stream]:
+        """Answer ``messages`` (dicts with ``role`` and ``content``): a ``Response``, or a :class:`Stream`.
+
+        The messages are rendered with :meth:`format_chat` (the model's own template, through
+        Jinja; ``template`` picks another), then generated from as ``llm(prompt)`` does, and
+        cancelled the same way. The template's special tokens become tokens whatever
+        ``parse_special`` says, and no second BOS is added after one the template wrote; the
+        answer ends at the model's end-of-turn token (``finish_reason`` "stop").
+        """
+        prompt = self.format_chat(messages, template=template)
+        return self(self._chat_tokens(prompt, config or self.config), config=config, stream=stream)
+
+    def format_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    template: Optional[str] = None) -> str:
+        """``messages`` as prompt text in the model's chat format (see :mod:`cyllama_cffi.chat_template`).
+
+        ``template``: None for the model's own template (rendered with Jinja; llama.cpp's engine
+        if that fails); else a template stored in the model by name, a llama.cpp built-in name
+        (``"chatml"``, ``"llama3"``...) or a template text. A model without a template gets
+        plain ``"User: ...\\n\\nAssistant:"`` text.
+        """
+        return apply_chat_template(self.model, messages, template, add_generation_prompt)
+
+    def get_chat_template(self, template_name: Optional[str] = None) -> str:
+        """The chat template text stored in the model (or the one stored as ``template_name``); "" when none."""
+        return get_chat_template(self.model, template_name)
+
+    def _chat_tokens(self, prompt: str, config: GenerationConfig) -> List[int]:
+        """A rendered chat as tokens: its markers are special tokens, and BOS is there once at most.
+
+        Templates such as Llama 3's write ``bos_token`` themselves; adding the model's BOS
+        again (as tokenizing with ``add_special`` does) would start the prompt with two.
+        """
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        tokens = self.vocab.tokenize(prompt, add_special=False, parse_special=True)
+        bos = self.vocab.bos
+        if config.add_bos and self.vocab.add_bos and bos >= 0 and tokens[:1] != [bos]:
+            tokens.insert(0, bos)
+        if not tokens:
+            raise ValueError("the chat prompt is empty: the template rendered no text")
+        return tokens
 
     def _prompt_tokens(self, prompt: Prompt, config: GenerationConfig) -> List[int]:
         """The prompt as checked token ids: text is tokenized, a sequence of ids is range-checked.
@@ -269,6 +310,20 @@ class LLM:
             self.last_finished_at = stream._t_start + stream.stats.total_time
             if self._owner is not None and self._owner() is stream:
                 self._owner = None
+            close = self._close_with is not None and self._close_with() is stream
+        if close:
+            self.close()
+
+    def _close_when_done(self, stream: Stream) -> Stream:
+        """Close this LLM when ``stream`` ends (exhausted, closed, cancelled); return the stream.
+
+        For the one-shot helpers (:func:`cyllama_cffi.api.complete` with ``stream=True``): the
+        stream keeps the LLM alive while it is consumed (its end callback is the LLM's), and the
+        model is freed as soon as it ends rather than whenever the garbage collector runs.
+        """
+        with self._lock:
+            self._close_with = weakref.ref(stream)
+        return stream
 
     def _context_size(self, n_prompt: int, config: GenerationConfig) -> int:
         """The context a prompt of ``n_prompt`` tokens needs under ``config``; ValueError if it can't fit."""

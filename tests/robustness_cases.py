@@ -210,10 +210,9 @@ def lone_surrogates_where_text_is_expected(path: str) -> None:
 @case
 def lone_surrogates_in_chat_messages_and_grammars(path: str) -> None:
     with _llm(path) as llm:
-        if llm.model.chat_template() is not None:
-            expect(UnicodeEncodeError, llm.format_chat, [{"role": "user", "content": "\ud800"}])
-        else:
-            expect(ValueError, llm.format_chat, [{"role": "user", "content": "hi"}], match="no built-in chat template")
+        surrogate = [{"role": "user", "content": "\ud800"}]
+        expect(UnicodeEncodeError, llm.chat, surrogate)  # Jinja renders it; the tokenizer refuses it
+        expect(UnicodeEncodeError, llm.format_chat, surrogate, template="chatml")  # llama.cpp's engine refuses it
         expect(UnicodeEncodeError, LlamaSampler().add_grammar, llm.vocab, 'root ::= "\ud800"')
         expect(ValueError, LlamaSampler().add_grammar, llm.vocab, 'root ::= "\xff')  # unterminated
         _usable(llm)
@@ -320,7 +319,8 @@ def llm_after_close(path: str) -> None:
     llm.close()
     for call in (lambda: llm("the cat"), lambda: llm.stream("the cat"), lambda: llm.generate("x"),
                  lambda: llm.tokenize("x"), lambda: llm.detokenize([1]),
-                 lambda: llm.format_chat([{"role": "user", "content": "x"}])):
+                 lambda: llm.format_chat([{"role": "user", "content": "x"}]),
+                 lambda: llm.chat([{"role": "user", "content": "x"}]), lambda: llm.get_chat_template()):
         expect((ClosedError, ValueError), call)
     llm.cancel()  # harmless after close
     assert llm.cancel_requested

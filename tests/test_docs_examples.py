@@ -141,6 +141,32 @@ def check_lowlevel(out: str) -> None:
     assert "Paris" in out
 
 
+def check_chat_answer(out: str) -> None:
+    assert lines(out) == ["The capital of France is Paris.", "stop", "The capital of France is Paris."]
+
+
+def check_chat_prompt(out: str) -> None:
+    assert out.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n" in out
+    assert "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>" in out and lines(out)[-1] == "True"
+
+
+def check_chat_refused(out: str) -> None:
+    assert lines(out) == ["the chat template could not render these messages: System role not supported",
+                          "[user] Hi!"]
+
+
+def check_chat_cancel(out: str) -> None:
+    assert lines(out) == ["cancelled", "True", "True"]
+
+
+def check_chat_helpers(out: str) -> None:
+    found = lines(out)
+    assert "Paris" in found[0] and found[1:3] == ["The capital of France is Paris."] * 2
+    assert found[3].startswith("The capital of France is") and found[4].startswith("decoded 4 tokens")
+    assert found[5] == "True"
+
+
 # The output each page promises, by example name.
 EXPECTED: Dict[str, Callable[[str], None]] = {
     "timer": check_timer,
@@ -158,6 +184,11 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "threads-stream-handoff": check_handoff,
     "asyncio": check_asyncio,
     "lowlevel-greedy": check_lowlevel,
+    "chat-answer": check_chat_answer,
+    "chat-prompt": check_chat_prompt,
+    "chat-refused": check_chat_refused,
+    "chat-cancel": check_chat_cancel,
+    "chat-helpers": check_chat_helpers,
 }
 
 # Examples that need a real signal or a real server: their own tests below.

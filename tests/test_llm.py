@@ -110,7 +110,7 @@ def test_finish_reason_length_and_stop(llm):
 def test_chat_text_is_special_tokens_by_default_and_ends_at_end_of_turn(llm):
     """parse_special=True by default: the template's markers become the model's special tokens,
     and the reply ends at its end-of-turn token; parse_special=False reads them as plain text."""
-    prompt = llm.format_chat([{"role": "user", "content": "Say hi."}])
+    prompt = llm.format_chat([{"role": "user", "content": "Say hi."}], template="chatml")
     im_start = llm.tokenize("<|im_start|>", add_special=False)
     assert len(im_start) == 1 and llm.vocab.get_text(im_start[0]) == "<|im_start|>"
     response = llm(prompt, config=llm.config.replace(max_tokens=200))

@@ -54,7 +54,8 @@ def llm(model_path):
 
 
 def test_streamed_multibyte_text_equals_detokenizing_all_ids(llm):
-    prompt = llm.format_chat([{"role": "user", "content": "Reply with ten different emoji and the Japanese word for cat."}])
+    prompt = llm.format_chat([{"role": "user", "content": "Reply with ten different emoji and the Japanese word for cat."}],
+                             template="chatml")
     stream = llm.stream(prompt, config=llm.config.replace(parse_special=True, max_tokens=400))
     chunks = list(stream)
     streamed = "".join(chunks)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -50,6 +50,11 @@ class TinySpec(NamedTuple):
     std: float = 0.3  # large enough that greedy output varies with the prompt
     alignment: Optional[int] = None  # None: no general.alignment key (GGUF's default, 32)
     tokenizer: str = "llama"  # or "gpt2"
+    # Chat models: control tokens appended to the vocabulary (the markers a template writes)
+    # and the one of them that is the EOS (llama tokenizer only), and the template itself.
+    specials: Tuple[str, ...] = ()
+    eos: Optional[str] = None  # None: "</s>"
+    chat_template: Optional[str] = None  # tokenizer.chat_template
 
 
 def vocabulary() -> List[str]:
@@ -84,6 +89,8 @@ def bpe_vocabulary() -> List[str]:
 def _add_vocabulary(writer, spec: TinySpec) -> int:
     """Write the tokenizer keys; return the vocabulary size."""
     if spec.tokenizer == "gpt2":
+        if spec.specials or spec.eos is not None:
+            raise ValueError("specials and eos are written for the llama tokenizer only")
         tokens = bpe_vocabulary()
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
@@ -96,13 +103,16 @@ def _add_vocabulary(writer, spec: TinySpec) -> int:
         return len(tokens)
     if spec.tokenizer != "llama":
         raise ValueError(f"tokenizer must be 'llama' or 'gpt2', got {spec.tokenizer!r}")
-    tokens = vocabulary()
+    specials = list(spec.specials)
+    tokens = vocabulary() + specials
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS))])
-    writer.add_token_types([_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(_WORDS))
+    writer.add_token_scores([0.0, 0.0, 0.0] + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS))]
+                            + [0.0] * len(specials))
+    writer.add_token_types([_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE] * 256 + [_NORMAL] * len(_WORDS)
+                           + [_CONTROL] * len(specials))
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_eos_token_id(2 if spec.eos is None else tokens.index(spec.eos))
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
@@ -135,6 +145,8 @@ def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None,
     writer.add_file_type(0)  # ALL_F32
     n_vocab = _add_vocabulary(writer, spec)
     writer.add_vocab_size(n_vocab)
+    if spec.chat_template is not None:
+        writer.add_string("tokenizer.chat_template", spec.chat_template)
     if extra is not None:
         extra(writer)
     if spec.alignment is not None:
