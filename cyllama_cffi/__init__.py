@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS: Dict[str, str] = {
     "LLM": "llm",
+    "AsyncLLM": "aio", "complete_async": "aio", "chat_async": "aio",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
@@ -40,6 +41,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from ._ffi import ffi, lib
     from ._logging import set_verbose
+    from .aio import AsyncLLM, chat_async, complete_async
     from .config import GenerationConfig
     from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
                          InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
