@@ -265,7 +265,11 @@ class AsyncLLM:
         self._worker.stop()
 
     async def __aenter__(self) -> "AsyncLLM":
-        await self._llm()
+        try:
+            await self._llm()
+        except BaseException:  # no __aexit__ follows: end the thread now
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -356,6 +360,8 @@ class AsyncLLM:
                 if item is _END:
                     break
                 yield item
+                if not generation.holds_turn:  # its consumer called again meanwhile: it was ended
+                    break
                 generation.consumer = asyncio.current_task()  # whoever resumed us consumes it now
             await asyncio.wrap_future(done)  # an exception of the generation is raised here
         finally:
