@@ -131,7 +131,10 @@ class _Generation(_Call):
         finally:
             self._ended = True
             if self._on_chunk is not None:
-                self._on_chunk(_END)
+                try:
+                    self._on_chunk(_END)
+                except RuntimeError:  # the consumer's loop is closed: nobody is waiting for the end
+                    pass
 
     def cancel(self) -> None:
         """Stop it: skipped if not started, else ``LLM.cancel()`` (the C flag: even a running prefill stops)."""
