@@ -181,7 +181,7 @@ class AsyncLLM:
         self._loading = self._worker.submit(_load(model_path, self._config, verbose))
         self._lock: Optional[asyncio.Lock] = None
         self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
-        self._current: Optional[_Generation] = None  # the call whose turn it is
+        self._current: Optional[_Call] = None  # the call whose turn it is
         self._closed = False
         # Dropped without close(): free the model on its thread, then end the thread.
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self._loading)
