@@ -25,6 +25,7 @@ _EXPORTS: Dict[str, str] = {
     "BatchGenerator": "batching", "BatchRequest": "batching", "BatchResponse": "batching",
     "batch_generate": "batching",
     "complete": "api", "chat": "api", "simple": "api",
+    "AsyncLLM": "aio", "complete_async": "aio", "chat_async": "aio",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from ._response_cache import ResponseCacheInfo
     from .batching import BatchGenerator, BatchRequest, BatchResponse, batch_generate
     from .api import chat, complete, simple
+    from .aio import AsyncLLM, chat_async, complete_async
     from .config import GenerationConfig
     from .errors import (ChatTemplateError, ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
                          InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)

@@ -14,13 +14,15 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from . import chat_template as _templates
 from ._logging import set_verbose
+from .aio import chat_async, complete_async, stream_complete_async
 from .config import GenerationConfig
 from .llm import LLM
 from .lowlevel.model import LlamaModel
 from .response import FinishReason, Response
 from .stream import Stream
 
-__all__ = ["complete", "chat", "apply_chat_template", "get_chat_template", "simple"]
+__all__ = ["complete", "chat", "apply_chat_template", "get_chat_template", "simple",
+           "complete_async", "chat_async", "stream_complete_async"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 

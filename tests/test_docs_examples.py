@@ -137,6 +137,19 @@ def check_asyncio(out: str) -> None:
     assert lines(out) == ["cancelled", "True"]
 
 
+def check_async_turns(out: str) -> None:
+    for city in ("Paris", "Rome", "Madrid"):
+        assert city in out, out
+
+
+def check_async_cancel(out: str) -> None:
+    assert lines(out) == ["cancelled", "cancelled", "True True"]
+
+
+def check_async_timeout(out: str) -> None:
+    assert lines(out)[-1] == "no chunk within 0.5 s: cancelled"
+
+
 def check_lowlevel(out: str) -> None:
     assert "Paris" in out
 
@@ -183,6 +196,9 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "threads-busy": check_busy,
     "threads-stream-handoff": check_handoff,
     "asyncio": check_asyncio,
+    "async-turns": check_async_turns,
+    "async-cancel": check_async_cancel,
+    "async-timeout": check_async_timeout,
     "lowlevel-greedy": check_lowlevel,
     "chat-answer": check_chat_answer,
     "chat-prompt": check_chat_prompt,
