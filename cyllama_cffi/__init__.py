@@ -22,6 +22,7 @@ _EXPORTS: Dict[str, str] = {
     "LLM": "llm",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
+    "Grammar": "grammar", "json_schema_to_gbnf": "_json_schema",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
     "install_sigint_handler": "sigint", "SigintHandle": "sigint",
     "set_verbose": "_logging",
@@ -31,7 +32,7 @@ _EXPORTS: Dict[str, str] = {
     "LlamaError": "errors", "ClosedError": "errors", "ModelLoadError": "errors", "InvalidGGUFError": "errors",
     "LoadCancelled": "errors", "ModelFetchError": "errors", "DecodeError": "errors",
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
-    "LLMBusyError": "errors",
+    "LLMBusyError": "errors", "GrammarDeadEnd": "errors",
     "ffi": "_ffi", "lib": "_ffi",
 }
 
@@ -41,8 +42,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from ._ffi import ffi, lib
     from ._logging import set_verbose
     from .config import GenerationConfig
+    from ._json_schema import json_schema_to_gbnf
     from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
-                         InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
+                         GrammarDeadEnd, InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError,
+                         ModelLoadError)
+    from .grammar import Grammar
     from .llm import LLM
     from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab
     from .models import default_model_path

@@ -229,12 +229,13 @@ def _guard_interface() -> Any:
     """The guard stage's ``llama_sampler_i``, made once per process and never freed."""
     if _INTERFACE:
         return _INTERFACE[0]
+    field_types = dict((name, field.type) for name, field in ffi.typeof("struct llama_sampler_i").fields)
 
-    @ffi.callback("const char *(const struct llama_sampler *)")
+    @ffi.callback(field_types["name"])
     def name(sampler):
         return _NAME
 
-    @ffi.callback("void(struct llama_sampler *, llama_token)")
+    @ffi.callback(field_types["accept"])
     def accept(sampler, token):
         guard = ffi.from_handle(sampler.ctx)
         if guard.dead_end:
@@ -244,13 +245,13 @@ def _guard_interface() -> Any:
         else:
             guard.dead_end = True
 
-    @ffi.callback("void(struct llama_sampler *, llama_token_data_array *)")
+    @ffi.callback(field_types["apply"])
     def apply(sampler, candidates):
         guard = ffi.from_handle(sampler.ctx)
         if not guard.dead_end:
             lib.llama_sampler_apply(guard.inner, candidates)
 
-    @ffi.callback("void(struct llama_sampler *)")
+    @ffi.callback(field_types["reset"])
     def reset(sampler):
         guard = ffi.from_handle(sampler.ctx)
         guard.dead_end = False

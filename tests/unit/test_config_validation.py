@@ -14,7 +14,7 @@ DEFAULTS = {
     "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_gpu_layers": 99, "main_gpu": 0,
     "split_mode": 1, "tensor_split": None, "n_ctx": None, "n_batch": 2048, "n_ubatch": 512,
     "seed": None, "stop_sequences": [], "add_bos": True, "parse_special": True, "n_threads": None,
-    "use_mmap": True,
+    "use_mmap": True, "grammar": None, "json_schema": None,
 }
 
 
