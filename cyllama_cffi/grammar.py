@@ -10,12 +10,14 @@ left-recursion check are recursive, so nesting thousands of groups deep overflow
 the left-recursion check visits a rule once per path to it, so a chain of rules with two
 alternatives each takes exponential time; a NUL character cuts the text short where C reads
 it. This module parses the text the way llama.cpp does (same syntax, same rewriting of
-repetitions, same left-recursion rule), refuses those cases with a clear message, and then,
-when the compiled module is there, lets llama.cpp parse it once as the final word.
+repetitions, same left-recursion rule), refuses those cases with a clear message, and then, when the compiled
+module is already loaded, lets llama.cpp parse it once as the final word (otherwise llama.cpp's
+parse happens when a generation builds its sampler, with the same ``ValueError``).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = ["Grammar", "MAX_NESTING", "MAX_REPETITION"]
@@ -466,16 +468,15 @@ def _left_recursion(names: Dict[int, str], rule_id: int) -> ValueError:
 
 
 def _check_with_llama_cpp(gbnf: str, root: str, parsed: _Parsed) -> None:
-    """Let llama.cpp parse the grammar once, without a vocabulary, when the compiled module loads.
+    """Let llama.cpp parse the grammar once, without a vocabulary, if the compiled module is loaded.
 
-    Grammars with ``<name>`` tokens need a vocabulary: those are parsed when a sampler is made.
+    Not loaded, it is not loaded for this (a config with a grammar stays pure Python); grammars
+    with ``<name>`` tokens need a vocabulary. Both are parsed when a sampler is made.
     """
-    if parsed.has_named_tokens:
+    module = sys.modules.get("cyllama_cffi._ffi")
+    if parsed.has_named_tokens or module is None:
         return
-    try:
-        from ._ffi import ffi, lib
-    except ImportError:  # the pure-Python tier: our parse is the check
-        return
+    ffi, lib = module.ffi, module.lib
     sampler = lib.llama_sampler_init_grammar(ffi.NULL, gbnf.encode("utf-8"), root.encode("utf-8"))
     if sampler == ffi.NULL:
         raise ValueError("invalid GBNF grammar: llama.cpp refused it (its reason is on the cyllama_cffi.llama log)")
