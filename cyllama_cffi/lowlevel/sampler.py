@@ -161,11 +161,17 @@ class LlamaSampler(CHandle):
         """Tell the chain ``token`` was chosen (penalties, grammar state advance).
 
         A grammar stage looks the id up in its vocabulary and aborts the process
-        for one outside it, so with a grammar the id is checked first.
+        for one outside it, so with a grammar the id is checked first; a token the grammar
+        does not allow raises ``GrammarDeadEnd`` (llama.cpp would abort) and leaves the grammar
+        stopped until ``reset()``.
         """
         if self._n_vocab is not None:
             check_token_ids([token], self._n_vocab)
         lib.llama_sampler_accept(self.ptr, token)
+        for guard in self._guards:
+            if guard.dead_end:
+                raise GrammarDeadEnd(f"token {token} is not allowed by the grammar here; reset() the sampler "
+                                     "to start the grammar again")
 
     def reset(self) -> None:
         lib.llama_sampler_reset(self.ptr)  # the guards' reset runs inside, and forgets a dead end
