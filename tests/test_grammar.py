@@ -66,18 +66,18 @@ CODE = {"type": "object", "properties": {"code": {"type": "string", "pattern": "
 REAL_WORLD = {"weather tool": WEATHER, "nested address with $defs": PERSON, "array of objects": TODOS,
               "anyOf of two shapes": SHAPE, "pattern, date and uuid": CODE}
 # greedy, and sampled at 0.8 with several seeds
-MODES = [(0.0, None), (0.8, 1), (0.8, 2), (0.8, 3)]
+MODES = [(0.0, None), (0.8, 1), (0.8, 2)]
 
 
 @pytest.fixture(scope="module")
 def llm(model_path):
-    with LLM(model_path, max_tokens=96, n_threads=2) as loaded:
+    with LLM(model_path, max_tokens=96, n_threads=1) as loaded:
         yield loaded
 
 
 def prompt_for(llm, schema) -> str:
-    return llm.format_chat([{"role": "user", "content": "Reply with a JSON object for this schema: "
-                                                        + json.dumps(schema)}])
+    """A short chat prompt (the grammar, not the prompt, makes the shape; a long prompt costs prefill)."""
+    return llm.format_chat([{"role": "user", "content": "Reply in JSON."}])
 
 
 def check_document(response, schema) -> None:
