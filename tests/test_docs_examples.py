@@ -141,6 +141,21 @@ def check_lowlevel(out: str) -> None:
     assert "Paris" in out
 
 
+def check_structured_json(out: str) -> None:
+    lines = out.splitlines()
+    assert "'unit': '" in lines[0] and "'location': '" in lines[0] and lines[1] == "stop"
+
+
+def check_structured_gbnf(out: str) -> None:
+    assert re.fullmatch(r"(yes|no) because [a-z ]{3,40}\.\n", out), out
+
+
+def check_structured_errors(out: str) -> None:
+    for expected in ("unbalanced parentheses", "rule 'item' is used but never defined",
+                     "rule 'root' is left-recursive", "limit of 2000", "keyword 'uniqueItems' at #"):
+        assert expected in out, expected
+
+
 # The output each page promises, by example name.
 EXPECTED: Dict[str, Callable[[str], None]] = {
     "timer": check_timer,
@@ -158,6 +173,9 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "threads-stream-handoff": check_handoff,
     "asyncio": check_asyncio,
     "lowlevel-greedy": check_lowlevel,
+    "structured-json-schema": check_structured_json,
+    "structured-gbnf": check_structured_gbnf,
+    "structured-errors": check_structured_errors,
 }
 
 # Examples that need a real signal or a real server: their own tests below.
