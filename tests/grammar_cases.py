@@ -137,3 +137,34 @@ def llama_cpp_agrees_with_the_checker(texts: str) -> str:
     assert not disagreements, disagreements[:5]
     return f"{len(json.loads(texts))} texts"
 
+
+
+@case
+def unchecked_parse(name: str) -> str:
+    """BAD_GRAMMARS[name] handed straight to llama.cpp's parser, without our check.
+
+    Only for proving that a check is needed: the grammars it is run on end the process.
+    """
+    from cyllama_cffi import ffi, lib
+
+    text = BAD_GRAMMARS[name]
+    pointer = lib.llama_sampler_init_grammar(ffi.NULL, text.encode("utf-8"), b"root")
+    if pointer != ffi.NULL:
+        lib.llama_sampler_free(pointer)
+    return "parsed" if pointer != ffi.NULL else "refused"
+
+
+@case
+def unguarded_dead_end(model_path: str) -> str:
+    """A dead-end grammar in a plain llama.cpp chain (no guard stage): llama.cpp aborts at accept."""
+    from cyllama_cffi import ffi, lib
+
+    llm = LLM(model_path, max_tokens=1, temperature=0.0, n_threads=1)
+    llm("hi")  # leaves logits to sample from
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(llm.vocab.ptr, b'root ::= "\\x00"', b"root"))
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+    token = lib.llama_sampler_sample(chain, llm._seq.ctx.ptr, -1)
+    lib.llama_sampler_free(chain)
+    llm.close()
+    return f"sampled {token}"

@@ -218,3 +218,14 @@ def test_llama_cpp_accepts_exactly_what_the_checker_accepts(worker):
     collect()
     samples += ['root ::= a\na ::= "x" | b\nb ::= "y"', 'root ::= ("a" | "b"){2,4} "c"?', 'root ::= [^"\\\\]*']
     run_case(worker, "llama_cpp_agrees_with_the_checker", json.dumps(samples))
+
+
+def test_without_the_checks_llama_cpp_would_end_the_process(worker, model_path):
+    """Why the checks exist: the same inputs, let through, kill the (child) process."""
+    nesting = worker.run_one(Case("unchecked nesting", "grammar", "unchecked_parse::nesting 100000 deep"))
+    assert nesting.status == "crash" and nesting.returncode < 0, nesting
+    dead_end = worker.run_one(Case("unguarded dead end", "grammar", f"unguarded_dead_end::{model_path}"))
+    assert dead_end.status == "crash" and dead_end.returncode < 0, dead_end
+    # greedy picks an end-of-generation token the grammar rejects: GGML_ABORT in llama-grammar.cpp
+    # (a rejected ordinary token throws "Unexpected empty grammar stack" instead: std::terminate)
+    assert "llama-grammar.cpp" in dead_end.stderr or "grammar stack" in dead_end.stderr, dead_end.stderr
