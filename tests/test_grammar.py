@@ -156,16 +156,18 @@ def test_cancel_stops_a_constrained_generation(llm):
     # A grammar that never lets the model stop, so only the cancel can end it.
     config = llm.config.replace(grammar='root ::= "[" ( [0-9] "," )* ', temperature=0.8, seed=3, max_tokens=500)
     seen = []
+    canceller = threading.Thread(target=llm.cancel)
 
     def on_token(chunk):
         seen.append(chunk)
         if len(seen) == 3:
-            threading.Thread(target=llm.cancel).start()
+            canceller.start()
 
     response = llm("Count:", config, on_token=on_token)
+    canceller.join()  # its cancel() is over before the next generation starts
     assert response.finish_reason == "cancelled"
     assert 3 <= response.stats.generated_tokens < 500
-    assert re.fullmatch(r"\[([0-9],)*[0-9]?,?", response.text.replace(" ", "")) or response.text.startswith("[")
+    assert re.fullmatch(r"\[([0-9],)*[0-9]?", response.text), response.text  # what the grammar allows so far
     # The next constrained generation starts from a fresh grammar.
     again = llm("Is it?", llm.config.replace(grammar='root ::= "yes" | "no"', temperature=0.0))
     assert again.text in ("yes", "no")
