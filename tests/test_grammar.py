@@ -231,3 +231,33 @@ def test_without_the_checks_llama_cpp_would_end_the_process(worker, model_path):
     # greedy picks an end-of-generation token the grammar rejects: GGML_ABORT in llama-grammar.cpp
     # (a rejected ordinary token throws "Unexpected empty grammar stack" instead: std::terminate)
     assert "llama-grammar.cpp" in dead_end.stderr or "grammar stack" in dead_end.stderr, dead_end.stderr
+
+
+def test_an_exception_inside_the_grammar_stage_is_raised_not_lost(llm, monkeypatch):
+    """A KeyboardInterrupt delivered inside the guard's C callback reaches the caller of sample().
+
+    cffi can only print an exception raised in a callback; the guard keeps it and sample()
+    raises it once llama.cpp has returned, and the grammar, which may have missed the token,
+    refuses to go on until reset().
+    """
+    from cyllama_cffi.errors import GrammarDeadEnd
+    from cyllama_cffi.lowlevel import LlamaSampler
+    from cyllama_cffi.lowlevel import sampler as sampler_module
+
+    llm("Yes or no?", llm.config.replace(max_tokens=1, temperature=0.0))  # logits to sample from
+    ctx = llm._seq.ctx
+    sampler = LlamaSampler().add_grammar(llm.vocab, 'root ::= "yes" | "no"').add_greedy()
+
+    def interrupted(self, token):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sampler_module._GrammarGuard, "allows", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            sampler.sample(ctx)
+    with pytest.raises(GrammarDeadEnd):
+        sampler.sample(ctx)
+    sampler.reset()
+    token = sampler.sample(ctx)
+    assert llm.detokenize([token]) in ("yes", "no", "y", "n", "ye")
+    sampler.close()

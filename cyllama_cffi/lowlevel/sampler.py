@@ -151,6 +151,7 @@ class LlamaSampler(CHandle):
             token = lib.llama_sampler_sample(pointer, context_pointer, index)
         finally:
             context._busy.release()
+        self._raise_from_guards()
         for guard in self._guards:
             if guard.dead_end:
                 raise GrammarDeadEnd("the grammar allows no token here: it needs text that no token of this "
@@ -168,10 +169,18 @@ class LlamaSampler(CHandle):
         if self._n_vocab is not None:
             check_token_ids([token], self._n_vocab)
         lib.llama_sampler_accept(self.ptr, token)
+        self._raise_from_guards()
         for guard in self._guards:
             if guard.dead_end:
                 raise GrammarDeadEnd(f"token {token} is not allowed by the grammar here; reset() the sampler "
                                      "to start the grammar again")
+
+    def _raise_from_guards(self) -> None:
+        for guard in self._guards:
+            error, guard.raised = guard.raised, None
+            if error is not None:
+                guard.dead_end = True  # the grammar may have missed a token: it cannot be trusted now
+                raise error
 
     def reset(self) -> None:
         lib.llama_sampler_reset(self.ptr)  # the guards' reset runs inside, and forgets a dead end
@@ -207,11 +216,14 @@ class _GrammarGuard:
     to the grammar, which would throw; from then on the stage does nothing until a reset.
     """
 
-    __slots__ = ("inner", "dead_end", "handle", "probe", "probe_array", "__weakref__")
+    __slots__ = ("inner", "dead_end", "raised", "handle", "probe", "probe_array", "__weakref__")
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.dead_end = False
+        # An exception raised inside a callback (a KeyboardInterrupt delivered there): cffi can
+        # only print it, so it is kept here and raised again once the C call has returned.
+        self.raised: Optional[BaseException] = None
         self.handle = ffi.new_handle(self)
         # A one-candidate array: applying the grammar to it says whether a token is allowed.
         self.probe = ffi.new("llama_token_data[1]")
@@ -246,16 +258,24 @@ def _guard_interface() -> Any:
         guard = ffi.from_handle(sampler.ctx)
         if guard.dead_end:
             return
-        if guard.allows(token):
+        try:
+            allowed = guard.allows(token)
+        except BaseException as error:  # a KeyboardInterrupt from a signal handler: re-raised by sample()
+            guard.raised = error
+            allowed = False
+        if allowed:
             lib.llama_sampler_accept(guard.inner, token)
         else:
-            guard.dead_end = True
+            guard.dead_end = True  # not told to the grammar: it would throw
 
     @ffi.callback(field_types["apply"])
     def apply(sampler, candidates):
         guard = ffi.from_handle(sampler.ctx)
-        if not guard.dead_end:
-            lib.llama_sampler_apply(guard.inner, candidates)
+        try:
+            if not guard.dead_end:
+                lib.llama_sampler_apply(guard.inner, candidates)
+        except BaseException as error:  # cffi would print and drop it; sample() re-raises it
+            guard.raised = error
 
     @ffi.callback(field_types["reset"])
     def reset(sampler):
