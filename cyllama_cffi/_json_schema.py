@@ -332,10 +332,6 @@ def _guess_type(schema: Mapping) -> Optional[str]:
     return None
 
 
-def _is_name(text: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9-]+", text) is not None
-
-
 def _rule_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9-]+", "-", str(text)).strip("-")
     return name or "x"
@@ -702,9 +698,7 @@ class _Regex:
                 body.append(_range_text(c, upper, drop_unsafe=not negated))
             else:
                 if c in _JSON_UNSAFE or ord(c) < 0x20:
-                    if negated:
-                        continue  # excluded below anyway
-                    continue  # left out: needs a JSON escape
+                    continue  # left out (a negated class excludes them anyway): it needs a JSON escape
                 body.append(_class_char(c))
         text = "".join(body)
         if negated:
