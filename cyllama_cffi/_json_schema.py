@@ -12,8 +12,8 @@ ranges, ``$ref`` into ``$defs``/``definitions`` (recursion allowed), ``anyOf``/`
 choice; ``oneOf``'s exclusivity is not checked). Annotations (title, description, default...)
 are ignored. Any other keyword raises ``ValueError`` naming it.
 
-Documented approximations: a bounded ``number`` is generated as a whole number in range
-(``ValueError`` when the range holds none); counts above llama.cpp's repetition limit (2000)
+Documented approximations: a bounded ``number`` is a whole number in range or a decimal whose
+every continuation stays in range (``ValueError`` when the range holds no whole number); counts above llama.cpp's repetition limit (2000)
 are unbounded; a pattern's character classes leave out ``"``, ``\\`` and control characters
 (they would need JSON escapes). Whitespace between tokens is at most one space or newline and
 a short indent, so output always ends.
@@ -219,8 +219,7 @@ class _Converter:
         low, high = _bounds(schema, where, integer=False)
         if low is None and high is None:
             return self.use("number")
-        # Documented approximation: a bounded number is generated as a whole number in range.
-        return self.add_rule(name, _int_range(low, high, where))
+        return self.add_rule(name, _number_range(low, high, where))
 
     def visit_string(self, schema: Mapping, name: str, where: str) -> str:
         fmt = schema.get("format")
@@ -428,6 +427,31 @@ def _int_range(low: Optional[int], high: Optional[int], where: str) -> str:
     if not parts:
         raise ValueError(f"JSON schema at {where}: empty integer range")
     return " | ".join(f"( {p} )" if " " in p else p for p in parts)
+
+
+def _number_range(low: Optional[int], high: Optional[int], where: str) -> str:
+    """GBNF for numbers in [low, high]: the whole numbers, and decimals whose every fraction fits.
+
+    ``n.ddd`` lies in [n, n+1), so it is offered for n >= 0 with low <= n and n + 1 <= high;
+    ``-n.ddd`` lies in (-(n+1), -n], so for n >= 1 with low <= -(n+1) and -n <= high; and
+    ``-0.ddd`` when low <= -1 and high >= 0. (``low``/``high`` are already the whole-number
+    bounds inside the schema's, so every number written is within the schema's bounds; decimals
+    just below an integer upper bound are left out.) No exponents.
+    """
+    fraction = '"." [0-9]{1,15}'
+    parts = [_int_range(low, high, where)]
+    top = None if high is None else high - 1
+    bottom = 0 if low is None else max(low, 0)
+    if top is None or bottom <= top:
+        parts += [f"( {p} ) {fraction}" for p in _naturals(bottom, top)]
+    negative_top = None if low is None else -low - 1
+    negative_bottom = 1 if high is None else max(1, -high)
+    if low is None or low < 0:
+        if negative_top is None or negative_bottom <= negative_top:
+            parts += [f'"-" ( {p} ) {fraction}' for p in _naturals(negative_bottom, negative_top)]
+        if (low is None or low <= -1) and (high is None or high >= 0):
+            parts.append(f'"-0" {fraction}')
+    return " | ".join(f"( {p} )" for p in parts)
 
 
 def _naturals(low: int, high: Optional[int]) -> List[str]:

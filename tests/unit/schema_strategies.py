@@ -32,6 +32,8 @@ def leaves():
         st.integers(1, 4).map(lambda n: {"type": "string", "minLength": n, "maxLength": n + 8}),
         _integer(),
         st.just({"type": "number"}),
+        st.tuples(st.integers(-50, 50), st.integers(0, 100)).map(
+            lambda bounds: {"type": "number", "minimum": bounds[0], "maximum": bounds[0] + bounds[1]}),
         st.just({"type": "boolean"}),
         st.just({"type": "null"}),
         st.lists(st.text("abc xyz", min_size=1, max_size=6) | st.integers(-5, 5), min_size=1, max_size=4,

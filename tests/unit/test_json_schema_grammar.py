@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cyllama_cffi._json_schema import UNSUPPORTED, _int_range, json_schema_to_gbnf
+from cyllama_cffi._json_schema import UNSUPPORTED, _bounds, _int_range, _number_range, json_schema_to_gbnf
 from cyllama_cffi.grammar import Grammar
 
 from .schema_strategies import schemas
@@ -127,9 +127,28 @@ def test_integer_ranges_are_exact(low, high):
 def test_integer_bounds_become_ranges_and_exclusive_bounds_shift_by_one():
     assert rules_of({"type": "integer", "minimum": 1, "maximum": 3})["root"] == "[1-3]"
     assert rules_of({"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4})["root"] == "[1-3]"
-    assert rules_of({"type": "number", "minimum": 0.5, "maximum": 3.5})["root"] == "[1-3]"
     with pytest.raises(ValueError, match="no whole number"):
         json_schema_to_gbnf({"type": "number", "minimum": 0.1, "maximum": 0.2})
+
+
+@pytest.mark.parametrize("schema", [{"minimum": -2, "maximum": 3}, {"minimum": 0.5, "maximum": 3.5},
+                                    {"exclusiveMinimum": -1.5, "exclusiveMaximum": 2}, {"minimum": 0},
+                                    {"maximum": -1}, {"minimum": -10, "maximum": 10}, {"minimum": 97, "maximum": 104}])
+def test_bounded_numbers_never_leave_their_bounds(schema):
+    """Every number the rule allows is within bounds; every whole number within them is allowed."""
+    low, high = _bounds(schema, "#", integer=False)
+    pattern = re.compile(gbnf_alternatives_to_regex(_number_range(low, high, "#")))
+    written = [f"{sign}{whole}{fraction}" for sign in ("", "-") for whole in range(0, 130)
+               for fraction in ("", ".0", ".25", ".5", ".999", ".000001")]
+    def inside(value: float) -> bool:
+        return ((schema.get("minimum") is None or value >= schema["minimum"])
+                and (schema.get("maximum") is None or value <= schema["maximum"])
+                and (schema.get("exclusiveMinimum") is None or value > schema["exclusiveMinimum"])
+                and (schema.get("exclusiveMaximum") is None or value < schema["exclusiveMaximum"]))
+    allowed = [text for text in written if pattern.fullmatch(text)]
+    assert allowed and all(inside(float(text)) for text in allowed), [t for t in allowed if not inside(float(t))][:5]
+    assert all(pattern.fullmatch(str(n)) for n in range(-130, 131) if inside(n))
+    assert any("." in text for text in allowed)  # decimals too, not only whole numbers
 
 
 @pytest.mark.parametrize("keyword", UNSUPPORTED)
