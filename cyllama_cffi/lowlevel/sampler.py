@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from .._ffi import ffi, lib
 from ..errors import GrammarDeadEnd
+from ..grammar import Grammar
 from ._handle import CHandle
 from .vocab import check_token_ids
 
@@ -103,8 +104,6 @@ class LlamaSampler(CHandle):
         parses, e.g. nesting deep enough to overflow its parser's stack); a grammar it cannot
         use raises ``ValueError``.
         """
-        from ..grammar import Grammar  # here: the grammar module imports nothing heavy, but only grammars need it
-
         if not isinstance(grammar, Grammar):
             grammar = Grammar.from_string(grammar, root=root)
         vocab_pointer = vocab.ptr
