@@ -390,7 +390,11 @@ def _check_rules(parsed: _Parsed, root: str) -> None:
     if root not in parsed.symbol_ids or root not in parsed.defined:
         raise ValueError(f"invalid GBNF grammar: there is no root rule {root!r}"
                          + (f" (rules: {', '.join(list(parsed.defined)[:8])})" if parsed.defined else ""))
-    _check_left_recursion(rules, names)  # type: ignore[arg-type]
+    # Rules llama.cpp makes for groups and repetitions are named after their rule: "item_7".
+    readable = {rule_id: (f"rule {name!r}" if name in parsed.defined or "_" not in name
+                          else f"a group or repetition in rule {name.rsplit('_', 1)[0]!r}")
+                for rule_id, name in names.items()}
+    _check_left_recursion(rules, readable)  # type: ignore[arg-type]
 
 
 def _check_left_recursion(rules: List[List[Tuple[int, int]]], names: Dict[int, str]) -> None:
@@ -463,7 +467,7 @@ def _check_left_recursion(rules: List[List[Tuple[int, int]]], names: Dict[int, s
 
 
 def _left_recursion(names: Dict[int, str], rule_id: int) -> ValueError:
-    return ValueError(f"invalid GBNF grammar: rule {names.get(rule_id, rule_id)!r} is left-recursive (it can "
+    return ValueError(f"invalid GBNF grammar: {names.get(rule_id, rule_id)} is left-recursive (it can "
                       "reach itself before any character); llama.cpp does not support left recursion")
 
 
