@@ -263,3 +263,39 @@ def test_random_text_either_parses_or_raises_a_value_error_about_the_grammar(tex
         Grammar.from_string(text)
     except ValueError as error:
         assert str(error).startswith("invalid GBNF grammar: ")
+
+
+def test_what_pydantic_writes_converts():
+    """The keywords pydantic's model_json_schema() emits for common field types are all supported."""
+    pydantic = pytest.importorskip("pydantic", reason="pydantic is an optional dependency")
+    import datetime
+    import enum
+    import uuid
+    from typing import Dict, List, Literal, Optional
+
+    class Color(enum.Enum):
+        RED = "red"
+        BLUE = "blue"
+
+    class Address(pydantic.BaseModel):
+        city: str = pydantic.Field(min_length=1, max_length=40)
+        zip: str = pydantic.Field(pattern=r"^[0-9]{5}$")
+
+    class Order(pydantic.BaseModel):
+        id: uuid.UUID
+        placed: datetime.datetime
+        day: datetime.date
+        color: Color
+        kind: Literal["retail", "wholesale"]
+        note: Optional[str] = None
+        quantity: int = pydantic.Field(ge=1, le=999)
+        price: float = pydantic.Field(gt=0, lt=10000)
+        tags: List[str] = pydantic.Field(default_factory=list, max_length=5)
+        counts: Dict[str, int] = {}
+        ship_to: Address
+        bill_to: Optional[Address] = None
+
+    rules = rules_of(Order.model_json_schema())
+    assert rules["root"].startswith('"{" ws root-id-kv')
+    assert "Address" in rules and "Color" in rules
+    assert rules["Color"] == '( "\\"red\\"" | "\\"blue\\"" )'
