@@ -28,6 +28,7 @@ _EXPORTS: Dict[str, str] = {
     "AsyncLLM": "aio", "complete_async": "aio", "chat_async": "aio",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
+    "Grammar": "grammar", "json_schema_to_gbnf": "_json_schema",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
     "install_sigint_handler": "sigint", "SigintHandle": "sigint",
     "set_verbose": "_logging",
@@ -39,7 +40,7 @@ _EXPORTS: Dict[str, str] = {
     "LlamaError": "errors", "ClosedError": "errors", "ModelLoadError": "errors", "InvalidGGUFError": "errors",
     "LoadCancelled": "errors", "ModelFetchError": "errors", "DecodeError": "errors",
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
-    "LLMBusyError": "errors", "ChatTemplateError": "errors",
+    "LLMBusyError": "errors", "ChatTemplateError": "errors", "GrammarDeadEnd": "errors",
     "ffi": "_ffi", "lib": "_ffi",
 }
 
@@ -53,8 +54,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .api import chat, complete, simple
     from .aio import AsyncLLM, chat_async, complete_async
     from .config import GenerationConfig
-    from .errors import (ChatTemplateError, ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
-                         InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
+    from ._json_schema import json_schema_to_gbnf
+    from .errors import (ChatTemplateError, ClosedError, ContextBusyError, ContextFullError, DecodeAborted,
+                         DecodeError, GrammarDeadEnd, InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled,
+                         ModelFetchError, ModelLoadError)
+    from .grammar import Grammar
     from .llm import LLM
     from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab
     from .memory import estimate_gpu_layers, estimate_memory_usage

@@ -7,6 +7,7 @@ instead of reaching llama.cpp, where some of them abort the process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -52,11 +53,16 @@ class GenerationConfig:
     parse_special: bool = True
     n_threads: Optional[int] = None
     use_mmap: bool = True
+    # Structured output (docs/structured-output.md): GBNF text or a Grammar; or a JSON schema
+    # (a dict, or a pydantic model class), converted to a grammar. At most one of the two.
+    grammar: Any = None
+    json_schema: Any = None
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
         if problems:
             raise ValueError("Invalid GenerationConfig: " + "; ".join(problems))
+        _check_structured_output(self)
 
     def replace(self, **overrides: Any) -> "GenerationConfig":
         """A validated copy with some fields changed; unknown names raise ``TypeError``."""
@@ -118,3 +124,68 @@ def _problems(config: GenerationConfig):
         check(isinstance(config.use_mmap, bool), f"use_mmap must be a bool, got {config.use_mmap!r}"),
     ]
     return (message for message in checks if message)
+
+
+def _check_structured_output(config: GenerationConfig) -> None:
+    """``grammar`` and ``json_schema``: types, mutual exclusion, and the grammar itself, checked now.
+
+    A grammar or schema that cannot be used raises here (``ValueError`` naming the problem),
+    not when a generation starts. ``config.grammar`` stays as given; ``structured_grammar``
+    gives the checked :class:`Grammar` a generation uses.
+    """
+    if config.grammar is None and config.json_schema is None:
+        return
+    if config.grammar is not None and config.json_schema is not None:
+        raise ValueError("Invalid GenerationConfig: give grammar or json_schema, not both")
+    from .grammar import Grammar  # pure Python, loaded only by configs that constrain output
+
+    if config.grammar is not None:
+        if not isinstance(config.grammar, (str, Grammar)):
+            raise TypeError(f"Invalid GenerationConfig: grammar must be GBNF text (str) or a Grammar, "
+                            f"got {type(config.grammar).__name__}")
+    elif not isinstance(config.json_schema, dict) and not hasattr(config.json_schema, "model_json_schema"):
+        raise TypeError("Invalid GenerationConfig: json_schema must be a dict or a pydantic model class, "
+                        f"got {type(config.json_schema).__name__}")
+    try:
+        structured_grammar(config)
+    except ValueError as error:
+        field = "grammar" if config.grammar is not None else "json_schema"
+        message = str(error)
+        prefix = "Invalid GenerationConfig: "
+        raise ValueError(prefix + f"{field}: " + (message[len(prefix):] if message.startswith(prefix) else message)) from None
+
+
+def structured_grammar(config: GenerationConfig) -> Optional[Any]:
+    """The :class:`~cyllama_cffi.grammar.Grammar` ``config`` constrains output with, or None."""
+    from .grammar import Grammar
+
+    if config.grammar is not None:
+        return config.grammar if isinstance(config.grammar, Grammar) else _grammar_from_text(config.grammar)
+    if config.json_schema is not None:
+        schema = config.json_schema
+        if not isinstance(schema, dict):
+            schema = schema.model_json_schema()  # a pydantic model class
+        import json
+
+        try:
+            text = json.dumps(schema)  # the cache key; keeps the order of properties
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Invalid GenerationConfig: json_schema is not JSON: {error}") from None
+        return _grammar_from_schema(text)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_from_text(text: str) -> Any:
+    from .grammar import Grammar
+
+    return Grammar.from_string(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_from_schema(text: str) -> Any:
+    import json
+
+    from .grammar import Grammar
+
+    return Grammar.from_json_schema(json.loads(text))

@@ -12,8 +12,9 @@ The hierarchy::
     │   ├── ContextFullError     no KV-cache room for the batch (code 1)
     │   └── DecodeAborted        the abort flag stopped the decode (code 2)
     ├── ChatTemplateError        no chat template could render the messages (also a ValueError)
-    └── ContextBusyError         another thread is using the context
-        └── LLMBusyError         another thread is generating on this LLM
+    ├── ContextBusyError         another thread is using the context
+    │   └── LLMBusyError         another thread is generating on this LLM
+    └── GrammarDeadEnd           the grammar allows no token at all (also a ValueError)
 
 Mistakes in the arguments of a call (a bad config value, an empty prompt, a token id outside
 the vocabulary) raise ``ValueError`` or ``TypeError`` as Python's own functions do: they are
@@ -25,6 +26,7 @@ from __future__ import annotations
 __all__ = [
     "LlamaError", "ClosedError", "ModelLoadError", "InvalidGGUFError", "LoadCancelled", "ModelFetchError",
     "DecodeError", "ContextFullError", "DecodeAborted", "ChatTemplateError", "ContextBusyError", "LLMBusyError",
+    "GrammarDeadEnd",
 ]
 
 
@@ -99,3 +101,11 @@ class ContextBusyError(LlamaError):
 
 class LLMBusyError(ContextBusyError):
     """Another thread is generating on this LLM; one LLM runs one generation at a time."""
+
+
+class GrammarDeadEnd(LlamaError, ValueError):
+    """The grammar allows no token of the vocabulary at this point of the generation.
+
+    It needs text no token can produce (a NUL character, a ``<[id]>`` outside the vocabulary);
+    llama.cpp would abort the process here, so the generation ends with this error instead.
+    """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import GenerationConfig
+from .config import GenerationConfig, structured_grammar
 from .lowlevel.sampler import LlamaSampler
 from .lowlevel.vocab import LlamaVocab
 
@@ -10,13 +10,25 @@ __all__ = ["build_sampler"]
 
 
 def build_sampler(config: GenerationConfig, vocab: LlamaVocab) -> LlamaSampler:
-    """The chain a generation with ``config`` samples from: penalties, filters, then a choice.
+    """The chain a generation with ``config`` samples from: grammar, penalties, filters, then a choice.
 
     ``temperature=0`` is greedy; ``mirostat`` replaces the filters; ``seed=None`` or -1 lets
-    llama.cpp draw a random seed.
+    llama.cpp draw a random seed. A grammar (``config.grammar``/``json_schema``) comes first, so
+    every later stage sees only the tokens it allows, and the token chosen is always one it
+    allows; ``llama_sampler_sample`` then tells every stage, the grammar included, which token
+    was chosen, which advances the grammar. (llama.cpp's own ``common_sampler`` keeps its
+    grammar outside the chain and samples without it first, resampling with it when the token
+    is rejected: the same tokens are allowed, with the filters seeing more candidates.)
     """
     sampler = LlamaSampler()
     seed = None if config.seed is None or config.seed < 0 else config.seed
+    grammar = structured_grammar(config)
+    if grammar is not None:
+        try:
+            sampler.add_grammar(vocab, grammar)
+        except BaseException:
+            sampler.close()
+            raise
     if config.repeat_penalty != 1.0 or config.frequency_penalty or config.presence_penalty:
         sampler.add_penalties(config.penalty_last_n, config.repeat_penalty, config.frequency_penalty,
                               config.presence_penalty)

@@ -56,6 +56,7 @@ class Case(NamedTuple):
     op: str   # "file": load + generate with the file at arg ("file_unchecked": without the GGUF
               # pre-check); "mutate": the same on a mutant (see mutant_case);
               # "api": "name::model" runs tests/robustness_cases.py's CASES[name]
+              # "grammar": "name::argument" runs tests/grammar_cases.py's CASES[name]
     arg: str
 
 
@@ -76,6 +77,12 @@ class Worker:
     # -- child lifetime ------------------------------------------------------------
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ, PYTHONFAULTHANDLER="1", CYLLAMA_WORKER_SCRATCH=self._scratch.name)
+        # The child imports the same cyllama_cffi as this process (a source checkout's, when
+        # pytest found it through its rootdir rather than an installed copy).
+        package_root = str(Path(sys.modules["cyllama_cffi"].__file__).resolve().parent.parent) \
+            if "cyllama_cffi" in sys.modules else None
+        if package_root:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.starts += 1
         self._buffer = b""
         # stderr goes to a file: llama.cpp logs every refused file there, and a pipe nobody
@@ -277,8 +284,17 @@ def run_api_case(arg: str) -> Any:
     return function(model_path)
 
 
+def run_grammar_case(arg: str) -> Any:
+    """``arg`` is ``name::argument``: one function of tests/grammar_cases.py."""
+    sys.path.insert(0, str(HERE))
+    import grammar_cases
+
+    name, _, argument = arg.partition("::")
+    return grammar_cases.CASES[name](argument)
+
+
 OPS: Dict[str, Callable[[str], Any]] = {"file": probe_file, "file_unchecked": probe_file_unchecked,
-                                        "mutate": probe_mutant, "api": run_api_case}
+                                        "mutate": probe_mutant, "api": run_api_case, "grammar": run_grammar_case}
 
 
 def _serve() -> None:

@@ -178,6 +178,19 @@ def check_chat_helpers(out: str) -> None:
     assert "Paris" in found[0] and found[1:3] == ["The capital of France is Paris."] * 2
     assert found[3].startswith("The capital of France is") and found[4].startswith("decoded 4 tokens")
     assert found[5] == "True"
+def check_structured_json(out: str) -> None:
+    lines = out.splitlines()
+    assert "'unit': '" in lines[0] and "'location': '" in lines[0] and lines[1] == "stop"
+
+
+def check_structured_gbnf(out: str) -> None:
+    assert re.fullmatch(r"(yes|no) because [a-z ]{3,40}\.\n", out), out
+
+
+def check_structured_errors(out: str) -> None:
+    for expected in ("unbalanced parentheses", "rule 'item' is used but never defined",
+                     "rule 'root' is left-recursive", "limit of 2000", "keyword 'uniqueItems' at #"):
+        assert expected in out, expected
 
 
 # The output each page promises, by example name.
@@ -205,6 +218,9 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "chat-refused": check_chat_refused,
     "chat-cancel": check_chat_cancel,
     "chat-helpers": check_chat_helpers,
+    "structured-json-schema": check_structured_json,
+    "structured-gbnf": check_structured_gbnf,
+    "structured-errors": check_structured_errors,
 }
 
 # Examples that need a real signal or a real server: their own tests below.

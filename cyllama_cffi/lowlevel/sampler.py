@@ -3,13 +3,23 @@
 Samplers added to the chain are owned by the chain and freed with it.
 ``sample`` refuses to run when the context has no logits at the requested row
 (llama.cpp aborts the process in that case).
+
+A grammar stage is wrapped in a small guard stage (``_GrammarGuard``): llama.cpp's grammar
+sampler throws a C++ exception, which ends the process, when it is told to accept a token it
+rejects, and a chain accepts whatever its last stage picked, even when the grammar had
+rejected every candidate (a grammar that needs a character no token can produce). The guard
+checks the chosen token against the grammar first and turns that dead end into a
+``GrammarDeadEnd`` raised by ``sample``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import math
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from .._ffi import ffi, lib
+from ..errors import GrammarDeadEnd
+from ..grammar import Grammar
 from ._handle import CHandle
 from .vocab import check_token_ids
 
@@ -31,9 +41,12 @@ class LlamaSampler(CHandle):
         pointer = lib.llama_sampler_chain_init(params)
         if pointer == ffi.NULL:
             raise MemoryError("llama_sampler_chain_init failed")
-        super().__init__(pointer, lib.llama_sampler_free)
+        # What the chain's guard stages use, freed after the chain (see _free_chain).
+        self._owned: List[Any] = []
+        super().__init__(pointer, _free_chain_with(self._owned))
         self.stages: list = []
         self._n_vocab: Optional[int] = None  # set by stages that look token ids up (grammar)
+        self._guards: List[_GrammarGuard] = []
 
     def _add(self, name: str, sampler) -> "LlamaSampler":
         if sampler == ffi.NULL:
@@ -83,12 +96,30 @@ class LlamaSampler(CHandle):
             raise ValueError(f"repeat penalty must be > 0, got {repeat}")
         return self._add("penalties", lib.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence))
 
-    def add_grammar(self, vocab: "LlamaVocab", grammar: str, root: str = "root") -> "LlamaSampler":
-        """GBNF grammar; a grammar llama.cpp cannot parse raises ``ValueError``."""
-        sampler = lib.llama_sampler_init_grammar(vocab.ptr, grammar.encode("utf-8"), root.encode("utf-8"))
-        if sampler == ffi.NULL:
-            raise ValueError("invalid GBNF grammar (see the cyllama_cffi.llama log for llama.cpp's parse error)")
-        self._add("grammar", sampler)
+    def add_grammar(self, vocab: "LlamaVocab", grammar: Any, root: str = "root") -> "LlamaSampler":
+        """A GBNF grammar stage: GBNF text or a :class:`~cyllama_cffi.grammar.Grammar`.
+
+        Put it first in the chain, so the filters after it see only allowed tokens. Text is
+        checked as ``Grammar.from_string`` checks it (llama.cpp aborts on some grammars it
+        parses, e.g. nesting deep enough to overflow its parser's stack); a grammar it cannot
+        use raises ``ValueError``.
+        """
+        if not isinstance(grammar, Grammar):
+            grammar = Grammar.from_string(grammar, root=root)
+        vocab_pointer = vocab.ptr
+        grammar.check_tokens(vocab.n_tokens)
+        inner = lib.llama_sampler_init_grammar(vocab_pointer, grammar.gbnf.encode("utf-8"),
+                                               grammar.root.encode("utf-8"))
+        if inner == ffi.NULL:
+            raise ValueError("llama.cpp could not use this grammar with this vocabulary (a <token> it cannot "
+                             "find?); see the cyllama_cffi.llama log for its reason")
+        guard = _GrammarGuard(inner)
+        self._owned.extend((inner, guard))  # the guard's handle must outlive the chain that calls it
+        wrapper = lib.llama_sampler_init(_guard_interface(), guard.handle)
+        if wrapper == ffi.NULL:
+            raise MemoryError("llama_sampler_init failed")
+        self._add("grammar", wrapper)
+        self._guards.append(guard)
         self._n_vocab = vocab.n_tokens
         self._depend_on_vocab(vocab)
         return self
@@ -116,22 +147,42 @@ class LlamaSampler(CHandle):
                 token = lib.cyl_argmax(logits, context._n_vocab)
                 lib.llama_sampler_accept(pointer, token)  # what the chain does after choosing
                 return token
-            return lib.llama_sampler_sample(pointer, context_pointer, index)
+            token = lib.llama_sampler_sample(pointer, context_pointer, index)
         finally:
             context._busy.release()
+        self._raise_from_guards()
+        for guard in self._guards:
+            if guard.dead_end:
+                raise GrammarDeadEnd("the grammar allows no token here: it needs text that no token of this "
+                                     "vocabulary can produce (e.g. a NUL character, or a token id outside it)")
+        return token
 
     def accept(self, token: int) -> None:
         """Tell the chain ``token`` was chosen (penalties, grammar state advance).
 
         A grammar stage looks the id up in its vocabulary and aborts the process
-        for one outside it, so with a grammar the id is checked first.
+        for one outside it, so with a grammar the id is checked first; a token the grammar
+        does not allow raises ``GrammarDeadEnd`` (llama.cpp would abort) and leaves the grammar
+        stopped until ``reset()``.
         """
         if self._n_vocab is not None:
             check_token_ids([token], self._n_vocab)
         lib.llama_sampler_accept(self.ptr, token)
+        self._raise_from_guards()
+        for guard in self._guards:
+            if guard.dead_end:
+                raise GrammarDeadEnd(f"token {token} is not allowed by the grammar here; reset() the sampler "
+                                     "to start the grammar again")
+
+    def _raise_from_guards(self) -> None:
+        for guard in self._guards:
+            error, guard.raised = guard.raised, None
+            if error is not None:
+                guard.dead_end = True  # the grammar may have missed a token: it cannot be trusted now
+                raise error
 
     def reset(self) -> None:
-        lib.llama_sampler_reset(self.ptr)
+        lib.llama_sampler_reset(self.ptr)  # the guards' reset runs inside, and forgets a dead end
 
     def __repr__(self) -> str:
         return f"<LlamaSampler {' -> '.join(self.stages) or 'empty'}>"
@@ -141,3 +192,105 @@ def _seed(seed: Optional[int]) -> int:
     if seed is None or seed < 0:
         return DEFAULT_SEED
     return seed & 0xFFFFFFFF
+
+
+def _free_chain_with(owned: List[Any]):
+    """The chain's free function: the chain first (its guard stages call into ``owned``), then ``owned``."""
+
+    def free(pointer: Any) -> None:
+        lib.llama_sampler_free(pointer)
+        for item in owned:
+            if isinstance(item, _GrammarGuard):
+                continue
+            lib.llama_sampler_free(item)  # the grammar samplers the guards wrapped
+        del owned[:]
+
+    return free
+
+
+class _GrammarGuard:
+    """The state of one guard stage: the llama.cpp grammar sampler it wraps, and whether it is stuck.
+
+    A dead end (the chosen token is one the grammar rejects) is remembered instead of passed
+    to the grammar, which would throw; from then on the stage does nothing until a reset.
+    """
+
+    __slots__ = ("inner", "dead_end", "raised", "handle", "probe", "probe_array", "__weakref__")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.dead_end = False
+        # An exception raised inside a callback (a KeyboardInterrupt delivered there): cffi can
+        # only print it, so it is kept here and raised again once the C call has returned.
+        self.raised: Optional[BaseException] = None
+        self.handle = ffi.new_handle(self)
+        # A one-candidate array: applying the grammar to it says whether a token is allowed.
+        self.probe = ffi.new("llama_token_data[1]")
+        self.probe_array = ffi.new("llama_token_data_array *", {"data": self.probe, "size": 1, "selected": -1,
+                                                                "sorted": False})
+
+    def allows(self, token: int) -> bool:
+        self.probe[0].id = token
+        self.probe[0].logit = 0.0
+        self.probe[0].p = 0.0
+        self.probe_array.size = 1
+        self.probe_array.selected = -1
+        lib.llama_sampler_apply(self.inner, self.probe_array)
+        return not math.isinf(self.probe[0].logit)
+
+
+_INTERFACE: List[Any] = []  # [the llama_sampler_i, and the callbacks and name it points to]
+
+
+def _guard_interface() -> Any:
+    """The guard stage's ``llama_sampler_i``, made once per process and never freed."""
+    if _INTERFACE:
+        return _INTERFACE[0]
+    field_types = dict((name, field.type) for name, field in ffi.typeof("struct llama_sampler_i").fields)
+
+    @ffi.callback(field_types["name"])
+    def name(sampler):
+        return _NAME
+
+    @ffi.callback(field_types["accept"])
+    def accept(sampler, token):
+        guard = ffi.from_handle(sampler.ctx)
+        if guard.dead_end:
+            return
+        try:
+            allowed = guard.allows(token)
+        except BaseException as error:  # a KeyboardInterrupt from a signal handler: re-raised by sample()
+            guard.raised = error
+            allowed = False
+        if allowed:
+            lib.llama_sampler_accept(guard.inner, token)
+        else:
+            guard.dead_end = True  # not told to the grammar: it would throw
+
+    @ffi.callback(field_types["apply"])
+    def apply(sampler, candidates):
+        guard = ffi.from_handle(sampler.ctx)
+        try:
+            if not guard.dead_end:
+                lib.llama_sampler_apply(guard.inner, candidates)
+        except BaseException as error:  # cffi would print and drop it; sample() re-raises it
+            guard.raised = error
+
+    @ffi.callback(field_types["reset"])
+    def reset(sampler):
+        guard = ffi.from_handle(sampler.ctx)
+        guard.dead_end = False
+        lib.llama_sampler_reset(guard.inner)
+
+    interface = ffi.new("struct llama_sampler_i *")
+    interface.name = name
+    interface.accept = accept
+    interface.apply = apply
+    interface.reset = reset
+    # clone and free stay NULL: nothing clones a chain here, and the guard's state is freed by
+    # the chain's owner (_free_chain_with), not by a callback run while the chain is freed.
+    _INTERFACE.extend((interface, name, accept, apply, reset))
+    return interface
+
+
+_NAME = ffi.new("char[]", b"grammar")

@@ -14,7 +14,7 @@ DEFAULTS = {
     "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_gpu_layers": 99, "main_gpu": 0,
     "split_mode": 1, "tensor_split": None, "n_ctx": None, "n_batch": 2048, "n_ubatch": 512,
     "seed": None, "stop_sequences": [], "add_bos": True, "parse_special": True, "n_threads": None,
-    "use_mmap": True,
+    "use_mmap": True, "grammar": None, "json_schema": None,
 }
 
 
@@ -80,6 +80,11 @@ INVALID = [
     ("n_threads", 513, "n_threads must be None or an int in [1, 512], got 513"),
     ("use_mmap", None, "use_mmap must be a bool, got None"),
     ("use_mmap", "no", "use_mmap must be a bool, got 'no'"),
+    ("grammar", "root ::= x", "grammar: invalid GBNF grammar: rule 'x' is used but never defined"),
+    ("grammar", "root ::= (", "grammar: invalid GBNF grammar: expected ')' (unbalanced parentheses) at line 1, "
+                              "column 11 (end of text)"),
+    ("json_schema", {"type": "array", "uniqueItems": True},
+     "json_schema: JSON schema keyword 'uniqueItems' at # is unsupported by the grammar converter"),
 ]
 
 
@@ -112,6 +117,7 @@ VALID_EDGES = [
     ("n_ctx", 8), ("n_ctx", 1 << 24), ("n_batch", 1), ("n_batch", 1 << 20), ("n_ubatch", 1 << 20),
     ("seed", -1), ("seed", 0), ("seed", 2**32 - 1), ("stop_sequences", ("a", "\n\n")),
     ("add_bos", False), ("parse_special", False), ("n_threads", 1), ("n_threads", 512), ("use_mmap", False),
+    ("grammar", 'root ::= "a"'), ("json_schema", {}), ("json_schema", {"type": "integer"}),
 ]
 
 
@@ -152,3 +158,28 @@ def test_to_dict_is_a_deep_copy_that_rebuilds_the_config():
 def test_unknown_keyword_at_construction_is_a_type_error():
     with pytest.raises(TypeError):
         GenerationConfig(no_such_field=1)  # type: ignore[call-arg]
+
+
+def test_grammar_and_json_schema_exclude_each_other():
+    with pytest.raises(ValueError, match="grammar or json_schema, not both"):
+        GenerationConfig(grammar='root ::= "a"', json_schema={"type": "string"})
+
+
+@pytest.mark.parametrize("field, value", [("grammar", 5), ("grammar", b'root ::= "a"'), ("json_schema", "{}"),
+                                          ("json_schema", [1])])
+def test_grammar_and_json_schema_of_the_wrong_type_are_type_errors(field, value):
+    with pytest.raises(TypeError, match=f"{field} must be"):
+        GenerationConfig(**{field: value})
+
+
+def test_json_schema_may_be_a_pydantic_model_class():
+    pydantic = pytest.importorskip("pydantic", reason="pydantic is an optional dependency")
+
+    class Point(pydantic.BaseModel):
+        x: int
+        y: int
+
+    from cyllama_cffi.config import structured_grammar
+
+    grammar = structured_grammar(GenerationConfig(json_schema=Point))
+    assert '"\\"x\\""' in grammar.gbnf and '"\\"y\\""' in grammar.gbnf
