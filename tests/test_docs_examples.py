@@ -194,6 +194,17 @@ def check_structured_errors(out: str) -> None:
 
 
 # The output each page promises, by example name.
+
+def check_batching_basics(out: str) -> None:
+    found = lines(out)
+    assert len(found) == 3 and all(line.endswith(("stop 12", "length 12")) or " stop " in line for line in found)
+    assert "Paris" in found[0]
+
+
+def check_batching_detailed(out: str) -> None:
+    found = lines(out)
+    assert [line.split()[:2] for line in found] == [["1", "8"], ["2", "4"]]
+
 EXPECTED: Dict[str, Callable[[str], None]] = {
     "timer": check_timer,
     "close-from-thread": check_close_from_thread,
@@ -213,6 +224,8 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "async-cancel": check_async_cancel,
     "async-timeout": check_async_timeout,
     "lowlevel-greedy": check_lowlevel,
+    "batching-basics": check_batching_basics,
+    "batching-detailed": check_batching_detailed,
     "chat-answer": check_chat_answer,
     "chat-prompt": check_chat_prompt,
     "chat-refused": check_chat_refused,
