@@ -33,6 +33,12 @@ _EXPORTS: Dict[str, str] = {
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
     "LLMBusyError": "errors",
     "ffi": "_ffi", "lib": "_ffi",
+    # cyllama's defaults, also importable from cyllama_cffi.defaults
+    "LLAMA_DEFAULT_SEED": "defaults", "DEFAULT_TEMPERATURE": "defaults", "DEFAULT_TOP_K": "defaults",
+    "DEFAULT_TOP_P": "defaults", "DEFAULT_MIN_P": "defaults", "DEFAULT_REPEAT_PENALTY": "defaults",
+    "DEFAULT_PENALTY_LAST_N": "defaults", "DEFAULT_PENALTY_FREQ": "defaults", "DEFAULT_PENALTY_PRESENT": "defaults",
+    "DEFAULT_MAX_TOKENS": "defaults", "DEFAULT_N_GPU_LAYERS": "defaults", "DEFAULT_N_BATCH": "defaults",
+    "DEFAULT_MAIN_GPU": "defaults", "DEFAULT_SPLIT_MODE": "defaults",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -41,6 +47,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from ._ffi import ffi, lib
     from ._logging import set_verbose
     from .config import GenerationConfig
+    from .defaults import (DEFAULT_MAIN_GPU, DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_N_BATCH, DEFAULT_N_GPU_LAYERS,
+                           DEFAULT_PENALTY_FREQ, DEFAULT_PENALTY_LAST_N, DEFAULT_PENALTY_PRESENT, DEFAULT_REPEAT_PENALTY,
+                           DEFAULT_SPLIT_MODE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, LLAMA_DEFAULT_SEED)
     from .errors import (ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError,
                          InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled, ModelFetchError, ModelLoadError)
     from .llm import LLM
