@@ -30,8 +30,8 @@ def build_sampler(config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> Ll
 
 def _fill(sampler: LlamaSampler, config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> None:
     seed = config.seed  # None, -1 and 0xFFFFFFFF all make llama.cpp draw a random seed
-    # llama.cpp divides positive logits by the repeat penalty: 0.0 would make them infinite
-    # (and the next softmax NaN), so 0.0 is "off", like 1.0.
+    # llama.cpp divides positive logits by the repeat penalty: 0.0 would make every recent token
+    # with a positive logit infinitely likely (a reward, not a penalty), so 0.0 is "off", like 1.0.
     repeat = 1.0 if config.repeat_penalty == 0 else config.repeat_penalty
     penalty_last_n = _window(config.penalty_last_n, n_ctx)
     if penalty_last_n != 0 and (repeat != 1.0 or config.frequency_penalty or config.presence_penalty):
