@@ -302,9 +302,10 @@ class LLM:
         """Cancel and end the running stream (at most one graph node to wait for), then free the context."""
         if self._released:
             return
-        self.cancel()
         with self._lock:
             stream = self._owner() if self._owner is not None else None
+        if stream is not None:
+            self.cancel()  # its thread stops between tokens too, not only inside a decode
         try:
             if stream is not None:
                 stream._supersede()

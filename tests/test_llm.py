@@ -315,6 +315,7 @@ def test_close_frees_the_context_and_the_llm_generates_again(model_path):
     llm.close()
     llm.close()
     assert ctx.closed and llm._seq is None and not llm.model.closed
+    assert not llm.cancel_requested  # nothing ran: nothing to cancel
     assert llm(PROMPT).text == expected and not llm._seq.ctx.closed
     llm.close()
 
