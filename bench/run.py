@@ -405,9 +405,8 @@ def ubatch_sweep(model: Path, threads: int, rounds: int) -> Dict[str, Any]:
         order = UBATCH_SIZES if round_index % 2 == 0 else tuple(reversed(UBATCH_SIZES))
         for size in order:
             speeds[size].append(sample_in_fresh_process(model, threads, f"prefill4096/{size}"))
-    llm = make_llm(model, threads)
-    tokens = native_prompts(llm, 4096)[1][:4095]
-    llm.close()
+    with make_llm(model, threads) as llm:  # leaving the block frees the model too
+        tokens = native_prompts(llm, 4096)[1][:4095]
     sweep: Dict[str, Any] = {}
     fastest = max(statistics.median(values) for values in speeds.values())
     for size in UBATCH_SIZES:

@@ -326,7 +326,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     final = resources()
     child_final = child.stats()
     child_exit = child.close()
-    soak.llm.close()
+    with soak.llm:  # leaving the block frees the model too (close() alone keeps it, as cyllama's)
+        pass
     after_close = resources()
     mismatches = sum(row["mismatches"] + row["inconsistent"] for row in tallies.values())
     return {

@@ -42,6 +42,12 @@ _EXPORTS: Dict[str, str] = {
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
     "LLMBusyError": "errors", "ChatTemplateError": "errors", "GrammarDeadEnd": "errors",
     "ffi": "_ffi", "lib": "_ffi",
+    # cyllama's defaults, also importable from cyllama_cffi.defaults
+    "LLAMA_DEFAULT_SEED": "defaults", "DEFAULT_TEMPERATURE": "defaults", "DEFAULT_TOP_K": "defaults",
+    "DEFAULT_TOP_P": "defaults", "DEFAULT_MIN_P": "defaults", "DEFAULT_REPEAT_PENALTY": "defaults",
+    "DEFAULT_PENALTY_LAST_N": "defaults", "DEFAULT_PENALTY_FREQ": "defaults", "DEFAULT_PENALTY_PRESENT": "defaults",
+    "DEFAULT_MAX_TOKENS": "defaults", "DEFAULT_N_GPU_LAYERS": "defaults", "DEFAULT_N_BATCH": "defaults",
+    "DEFAULT_MAIN_GPU": "defaults", "DEFAULT_SPLIT_MODE": "defaults",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -55,6 +61,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .aio import AsyncLLM, chat_async, complete_async
     from .config import GenerationConfig
     from ._json_schema import json_schema_to_gbnf
+    from .defaults import (DEFAULT_MAIN_GPU, DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_N_BATCH, DEFAULT_N_GPU_LAYERS,
+                           DEFAULT_PENALTY_FREQ, DEFAULT_PENALTY_LAST_N, DEFAULT_PENALTY_PRESENT, DEFAULT_REPEAT_PENALTY,
+                           DEFAULT_SPLIT_MODE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, LLAMA_DEFAULT_SEED)
     from .errors import (ChatTemplateError, ClosedError, ContextBusyError, ContextFullError, DecodeAborted,
                          DecodeError, GrammarDeadEnd, InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled,
                          ModelFetchError, ModelLoadError)

@@ -189,45 +189,10 @@ class Engine:
             self._end(sequence, FinishReason.CANCELLED)
         if not self._running:
             return
-        tokens, positions, seq_ids, want = self._tokens, self._positions, self._seq_ids, self._want_logits
-        pickers: List[EngineSequence] = []  # the sequences whose next token this step picks
-        generating: List[EngineSequence] = []
-        chunks: List[Tuple[EngineSequence, int]] = []
-        n = 0
-        for sequence in self._running:  # one token each for those generating
-            if sequence.pending >= 0:
-                tokens[n] = sequence.pending
-                positions[n] = len(sequence.cached)
-                seq_ids[n] = sequence.seq_id
-                want[n] = 1
-                self._pick_rows[len(pickers)] = n
-                pickers.append(sequence)
-                generating.append(sequence)
-                n += 1
-        budget = min(self.prompt_budget, self.n_batch - n)
-        for sequence in self._running:  # then prompt chunks, oldest first, within the budget
-            start = len(sequence.cached)
-            if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):
-                continue
-            chunk = sequence.prompt[start:start + budget]
-            count = len(chunk)
-            ffi.memmove(tokens + n, array("i", chunk), 4 * count)
-            ffi.memmove(positions + n, array("i", range(start, start + count)), 4 * count)
-            ffi.memmove(seq_ids + n, array("i", [sequence.seq_id]) * count, 4 * count)
-            ffi.memmove(want + n, bytes(count), count)
-            n += count
-            budget -= count
-            chunks.append((sequence, count))
-            if start + count == len(sequence.prompt):
-                want[n - 1] = 1
-                self._pick_rows[len(pickers)] = n - 1
-                pickers.append(sequence)
-        for index, sequence in enumerate(pickers):
-            sampler = sequence.sampler  # a greedy chain's choice is the argmax, done in C
-            self._samplers[index] = ffi.NULL if sampler.greedy_only else sampler.ptr
+        n_rows, generating, chunks, pickers = self._fill()
         try:
-            self.ctx.decode_rows(self.batch, n, tokens, positions, seq_ids, want, len(pickers), self._pick_rows,
-                                 self._samplers, self._picked)
+            self.ctx.decode_rows(self.batch, n_rows, self._tokens, self._positions, self._seq_ids,
+                                 self._want_logits, len(pickers), self._pick_rows, self._samplers, self._picked)
         except DecodeAborted:  # a cancel (or Ctrl-C) stopped the decode: everything ends
             for sequence in list(self._running):
                 self._end(sequence, FinishReason.CANCELLED)
@@ -239,15 +204,50 @@ class Engine:
             start = len(sequence.cached)
             sequence.cached.extend(sequence.prompt[start:start + count])
         now = time.perf_counter()
-        vocab = self.ctx.vocab
-        is_eog, piece_bytes = vocab.is_eog, vocab.piece_bytes
-        picked = self._picked
+        is_eog, piece_bytes = self.ctx.vocab.is_eog, self.ctx.vocab.piece_bytes
         for index, sequence in enumerate(pickers):
             if not sequence.t_prompt_done:
                 sequence.t_prompt_done = now
-            sequence._take(picked[index], is_eog, piece_bytes)
+            sequence._take(self._picked[index], is_eog, piece_bytes)
         for sequence in [s for s in self._running if s.finished]:
             self._release(sequence)
+
+    def _fill(self) -> Tuple[int, List[EngineSequence], List[Tuple[EngineSequence, int]], List[EngineSequence]]:
+        """Write the step's rows into the C arrays: a token of each generating sequence first,
+        then prompt chunks, oldest first, within the budget. Returns the row count, the
+        generating sequences, the (sequence, rows) of each chunk, and the sequences whose next
+        token the step picks (in ``_pick_rows`` order, with their samplers in ``_samplers``)."""
+        tokens, positions, seq_ids, want = self._tokens, self._positions, self._seq_ids, self._want_logits
+        generating = [s for s in self._running if s.pending >= 0]
+        pickers = list(generating)
+        for n, sequence in enumerate(generating):
+            tokens[n] = sequence.pending
+            positions[n] = len(sequence.cached)
+            seq_ids[n] = sequence.seq_id
+            want[n] = 1
+            self._pick_rows[n] = n
+        n = len(generating)
+        chunks: List[Tuple[EngineSequence, int]] = []
+        budget = min(self.prompt_budget, self.n_batch - n)
+        for sequence in self._running:
+            start = len(sequence.cached)
+            if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):
+                continue
+            count = min(budget, len(sequence.prompt) - start)
+            ffi.memmove(tokens + n, array("i", sequence.prompt[start:start + count]), 4 * count)
+            ffi.memmove(positions + n, array("i", range(start, start + count)), 4 * count)
+            ffi.memmove(seq_ids + n, array("i", [sequence.seq_id]) * count, 4 * count)
+            ffi.memmove(want + n, bytes(count), count)
+            n += count
+            budget -= count
+            chunks.append((sequence, count))
+            if start + count == len(sequence.prompt):  # the prompt's last row: pick its first token
+                want[n - 1] = 1
+                self._pick_rows[len(pickers)] = n - 1
+                pickers.append(sequence)
+        for index, sequence in enumerate(pickers):  # a greedy chain's choice is the argmax, made in C
+            self._samplers[index] = ffi.NULL if sequence.sampler.greedy_only else sequence.sampler.ptr
+        return n, generating, chunks, pickers
 
     def run(self) -> None:
         """Step until every running sequence has finished."""

@@ -141,7 +141,8 @@ class BatchGenerator:
         engine = self._engine
         try:
             engine.begin()
-            sequences = [engine.add(EngineSequence(tokens, build_sampler(config, self.vocab), config.max_tokens,
+            sequences = [engine.add(EngineSequence(tokens, build_sampler(config, self.vocab, engine.seq_capacity),
+                                                   config.max_tokens,
                                                    config.stop_sequences))
                          for tokens, config in zip(token_lists, configs)]
             engine.run()

@@ -1,7 +1,9 @@
 """``GenerationConfig``: every knob of a generation, validated up front.
 
-Bad values are refused here with ``ValueError("Invalid GenerationConfig: ...")``
-instead of reaching llama.cpp, where some of them abort the process.
+Bad values are refused here with ``ValueError("Invalid GenerationConfig: ...")``, every problem
+of the config in one message, instead of reaching llama.cpp, where some of them abort the
+process. Each problem starts with the phrase cyllama uses for it (``"top_p must be between 0.0
+and 1.0"``), followed by what was given.
 """
 
 from __future__ import annotations
@@ -10,47 +12,66 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+from .defaults import (DEFAULT_MAIN_GPU, DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_N_BATCH, DEFAULT_N_GPU_LAYERS,
+                       DEFAULT_PENALTY_FREQ, DEFAULT_PENALTY_LAST_N, DEFAULT_PENALTY_PRESENT, DEFAULT_REPEAT_PENALTY,
+                       DEFAULT_SPLIT_MODE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, LLAMA_DEFAULT_SEED)
+
+__all__ = ["GenerationConfig", "DEFAULT_DRY_SEQUENCE_BREAKERS"]
+
+# llama.cpp's default DRY sequence breakers: a repetition is not followed across these.
+DEFAULT_DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")
 
 
 @dataclass
 class GenerationConfig:
     """How to generate: sampling, limits, context and hardware settings.
 
-    ``temperature=0`` means greedy decoding. ``n_ctx=None`` sizes the context
-    to prompt + ``max_tokens``. ``n_threads=None`` uses the cores this process
-    may run on. ``seed=None`` (or -1) draws a random seed. ``parse_special=True``
-    turns special tokens written in the prompt text (``<|im_start|>``...) into
-    those tokens, as chat templates need; ``False`` tokenizes them as plain text.
-    ``use_mmap=True`` maps the model file (llama.cpp's default: quick to load,
-    shared between processes); ``False`` reads a private copy of the weights onto
-    transparent huge pages, for long-lived processes that decode a lot
-    (docs/performance.md gives the trade-off).
+    ``temperature=0`` means greedy decoding. The sampler chain is penalties, DRY, min_p, top_k,
+    top_p, temperature, then a random draw; ``top_n_sigma > 0`` replaces min_p/top_k/top_p, and
+    ``mirostat`` 1 or 2 replaces the filters, temperature and draw. ``repeat_penalty`` 1.0 (and
+    0.0, which llama.cpp would divide by) turns the repeat penalty off; ``penalty_last_n`` and
+    ``dry_penalty_last_n`` -1 look back over the whole context. ``dry_multiplier=0`` turns DRY
+    off. ``n_ctx=None`` sizes the context to prompt + ``max_tokens``. ``n_threads=None`` uses
+    the cores this process may run on. ``seed`` ``LLAMA_DEFAULT_SEED`` (0xFFFFFFFF), -1 or None
+    draws a random seed. ``parse_special=True`` turns special tokens written in the prompt text
+    (``<|im_start|>``...) into those tokens, as chat templates need; ``False`` tokenizes them
+    as plain text. ``use_mmap=True`` maps the model file (llama.cpp's default: quick to load,
+    shared between processes); ``False`` reads a private copy of the weights onto transparent
+    huge pages, for long-lived processes that decode a lot (docs/performance.md gives the
+    trade-off).
     """
 
-    max_tokens: int = 512
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    penalty_last_n: int = 64
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    min_p: float = DEFAULT_MIN_P
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
+    penalty_last_n: int = DEFAULT_PENALTY_LAST_N
+    frequency_penalty: float = DEFAULT_PENALTY_FREQ
+    presence_penalty: float = DEFAULT_PENALTY_PRESENT
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: List[str] = field(default_factory=lambda: list(DEFAULT_DRY_SEQUENCE_BREAKERS))
+    top_n_sigma: float = -1.0
     mirostat: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
-    n_gpu_layers: int = 99
-    main_gpu: int = 0
-    split_mode: int = 1
+    n_gpu_layers: int = DEFAULT_N_GPU_LAYERS
+    main_gpu: int = DEFAULT_MAIN_GPU
+    split_mode: int = DEFAULT_SPLIT_MODE
     tensor_split: Optional[List[float]] = None
     n_ctx: Optional[int] = None
-    n_batch: int = 2048
-    n_ubatch: int = 512
-    seed: Optional[int] = None
+    n_batch: int = DEFAULT_N_BATCH
+    seed: Optional[int] = LLAMA_DEFAULT_SEED
     stop_sequences: List[str] = field(default_factory=list)
     add_bos: bool = True
     parse_special: bool = True
+    n_ubatch: int = 512
     n_threads: Optional[int] = None
     use_mmap: bool = True
     # Structured output (docs/structured-output.md): GBNF text or a Grammar; or a JSON schema
@@ -72,56 +93,99 @@ class GenerationConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every field, with lists copied: ``GenerationConfig(**config.to_dict())`` rebuilds it."""
         return dataclasses.asdict(self)
+
+
+INT32_MAX = 2**31 - 1  # fields passed to llama.cpp as int32_t must fit, or cffi raises late
+UINT32_MAX = 2**32 - 1
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-INT32_MAX = 2**31 - 1  # fields passed to llama.cpp as int32_t must fit, or cffi raises late
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _problems(config: GenerationConfig):
-    def check(ok: bool, message: str):
-        return None if ok else message
+def _integer(phrase: str, value: Any, low: int, high: Optional[int] = INT32_MAX) -> Optional[str]:
+    """The problem with an int field that must be in [low, high], or None."""
+    if not _is_int(value):
+        return f"{phrase} (an int), got {value!r}"
+    if value < low:
+        return f"{phrase}, got {value!r}"
+    if high is not None and value > high:
+        return f"{phrase} and <= {high}, got {value!r}"
+    return None
 
+
+def _real(phrase: str, value: Any, ok: Callable[[float], bool]) -> Optional[str]:
+    """The problem with a float field (finite, and ``ok``), or None."""
+    if not _is_number(value):
+        return f"{phrase} (a finite number), got {value!r}"
+    return None if ok(value) else f"{phrase}, got {value!r}"
+
+
+def _choice(phrase: str, value: Any, choices: tuple) -> Optional[str]:
+    return None if _is_int(value) and value in choices else f"{phrase}, got {value!r}"
+
+
+def _flag(name: str, value: Any) -> Optional[str]:
+    return None if isinstance(value, bool) else f"{name} must be a bool, got {value!r}"
+
+
+def _strings(phrase: str, value: Any) -> Optional[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        return f"{phrase}, got {value!r}"
+    if any("\0" in s for s in value):  # passed to C as NUL-terminated strings
+        return f"{phrase} without NUL characters, got {value!r}"
+    return None
+
+
+def _tensor_split(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        return f"tensor_split must be a list or None, got {value!r}"
+    if not all(_is_number(v) and v >= 0 for v in value):
+        return f"tensor_split values must be non-negative numbers, got {value!r}"
+    return None
+
+
+def _problems(c: GenerationConfig) -> Iterator[str]:
     checks = [
-        check(_is_int(config.max_tokens) and config.max_tokens >= 0, f"max_tokens must be an int >= 0, got {config.max_tokens!r}"),
-        check(_is_number(config.temperature) and config.temperature >= 0, f"temperature must be >= 0, got {config.temperature!r}"),
-        check(_is_int(config.top_k) and 0 <= config.top_k <= INT32_MAX, f"top_k must be an int in [0, {INT32_MAX}], got {config.top_k!r}"),
-        check(_is_number(config.top_p) and 0 <= config.top_p <= 1, f"top_p must be in [0, 1], got {config.top_p!r}"),
-        check(_is_number(config.min_p) and 0 <= config.min_p <= 1, f"min_p must be in [0, 1], got {config.min_p!r}"),
-        check(_is_number(config.repeat_penalty) and config.repeat_penalty > 0, f"repeat_penalty must be > 0, got {config.repeat_penalty!r}"),
-        check(_is_int(config.penalty_last_n) and -1 <= config.penalty_last_n <= INT32_MAX, f"penalty_last_n must be an int in [-1, {INT32_MAX}], got {config.penalty_last_n!r}"),
-        check(_is_number(config.frequency_penalty), f"frequency_penalty must be a finite number, got {config.frequency_penalty!r}"),
-        check(_is_number(config.presence_penalty), f"presence_penalty must be a finite number, got {config.presence_penalty!r}"),
-        check(config.mirostat in (0, 1, 2) and _is_int(config.mirostat), f"mirostat must be 0, 1 or 2, got {config.mirostat!r}"),
-        check(_is_number(config.mirostat_tau) and config.mirostat_tau > 0, f"mirostat_tau must be > 0, got {config.mirostat_tau!r}"),
-        check(_is_number(config.mirostat_eta) and config.mirostat_eta > 0, f"mirostat_eta must be > 0, got {config.mirostat_eta!r}"),
-        check(_is_int(config.n_gpu_layers) and -1 <= config.n_gpu_layers <= INT32_MAX, f"n_gpu_layers must be an int in [-1, {INT32_MAX}], got {config.n_gpu_layers!r}"),
-        check(_is_int(config.main_gpu) and 0 <= config.main_gpu <= INT32_MAX, f"main_gpu must be an int in [0, {INT32_MAX}], got {config.main_gpu!r}"),
-        check(config.split_mode in (0, 1, 2) and _is_int(config.split_mode), f"split_mode must be 0, 1 or 2, got {config.split_mode!r}"),
-        check(config.tensor_split is None or (isinstance(config.tensor_split, (list, tuple))
-              and all(_is_number(v) and v >= 0 for v in config.tensor_split)),
-              f"tensor_split must be None or a list of numbers >= 0, got {config.tensor_split!r}"),
-        check(config.n_ctx is None or (_is_int(config.n_ctx) and 8 <= config.n_ctx <= 1 << 24),
-              f"n_ctx must be None or an int in [8, 16777216], got {config.n_ctx!r}"),
-        check(_is_int(config.n_batch) and 1 <= config.n_batch <= 1 << 20, f"n_batch must be an int in [1, 1048576], got {config.n_batch!r}"),
-        check(_is_int(config.n_ubatch) and 1 <= config.n_ubatch <= 1 << 20, f"n_ubatch must be an int in [1, 1048576], got {config.n_ubatch!r}"),
-        check(config.seed is None or (_is_int(config.seed) and -1 <= config.seed <= 0xFFFFFFFF),
-              f"seed must be None, -1 or an int in [0, 2**32), got {config.seed!r}"),
-        check(isinstance(config.stop_sequences, (list, tuple)) and all(isinstance(s, str) and s for s in config.stop_sequences),
-              f"stop_sequences must be a list of non-empty strings, got {config.stop_sequences!r}"),
-        check(isinstance(config.add_bos, bool), f"add_bos must be a bool, got {config.add_bos!r}"),
-        check(isinstance(config.parse_special, bool), f"parse_special must be a bool, got {config.parse_special!r}"),
-        check(config.n_threads is None or (_is_int(config.n_threads) and 1 <= config.n_threads <= 512),
-              f"n_threads must be None or an int in [1, 512], got {config.n_threads!r}"),
-        check(isinstance(config.use_mmap, bool), f"use_mmap must be a bool, got {config.use_mmap!r}"),
+        _integer("max_tokens must be >= 0", c.max_tokens, 0, None),
+        _real("temperature must be >= 0.0", c.temperature, lambda v: v >= 0),
+        _integer("top_k must be >= 0", c.top_k, 0),
+        _real("top_p must be between 0.0 and 1.0", c.top_p, lambda v: 0 <= v <= 1),
+        _real("min_p must be between 0.0 and 1.0", c.min_p, lambda v: 0 <= v <= 1),
+        _real("repeat_penalty must be >= 0.0", c.repeat_penalty, lambda v: v >= 0),
+        _integer("penalty_last_n must be >= -1", c.penalty_last_n, -1),
+        _real("frequency_penalty must be >= 0.0", c.frequency_penalty, lambda v: v >= 0),
+        _real("presence_penalty must be >= 0.0", c.presence_penalty, lambda v: v >= 0),
+        _real("dry_multiplier must be >= 0.0", c.dry_multiplier, lambda v: v >= 0),
+        _real("dry_base must be >= 0.0", c.dry_base, lambda v: v >= 0),
+        _integer("dry_allowed_length must be >= 0", c.dry_allowed_length, 0),
+        _integer("dry_penalty_last_n must be >= -1", c.dry_penalty_last_n, -1),
+        _strings("dry_sequence_breakers must be a list of str", c.dry_sequence_breakers),
+        _real("top_n_sigma must be a number (-1.0 = off)", c.top_n_sigma, lambda v: True),
+        _choice("mirostat must be 0, 1, or 2", c.mirostat, (0, 1, 2)),
+        _real("mirostat_tau must be > 0.0", c.mirostat_tau, lambda v: v > 0),
+        _real("mirostat_eta must be > 0.0", c.mirostat_eta, lambda v: v > 0),
+        _integer("n_gpu_layers must be >= -1", c.n_gpu_layers, -1),
+        _integer("main_gpu must be >= 0", c.main_gpu, 0),
+        _choice("split_mode must be 0, 1, or 2", c.split_mode, (0, 1, 2)),
+        _tensor_split(c.tensor_split),
+        None if c.n_ctx is None else _integer("n_ctx must be >= 1", c.n_ctx, 1, 1 << 24),
+        _integer("n_batch must be >= 1", c.n_batch, 1, 1 << 20),
+        None if c.seed is None else _integer("seed must be >= -1", c.seed, -1, UINT32_MAX),
+        _strings("stop_sequences must be a list of str", c.stop_sequences),
+        _flag("add_bos", c.add_bos),
+        _flag("parse_special", c.parse_special),
+        _integer("n_ubatch must be >= 1", c.n_ubatch, 1, 1 << 20),
+        None if c.n_threads is None else _integer("n_threads must be >= 1", c.n_threads, 1, 512),
+        _flag("use_mmap", c.use_mmap),
     ]
     return (message for message in checks if message)
 

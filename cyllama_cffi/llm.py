@@ -53,6 +53,10 @@ class LLM:
 
     After each generation, ``last_stats``, ``last_finish_reason`` and ``last_finished_at`` (the
     ``time.perf_counter()`` at its end) describe it.
+
+    ``close()`` (and ``reset_context()``) free the context and leave the model loaded, as in
+    cyllama: the next call makes a new context. Leaving a ``with LLM(...)`` block frees the
+    model as well, at once; the LLM then raises ``ClosedError``.
     """
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
@@ -69,7 +73,7 @@ class LLM:
         cfg = self.config
         self.model = LlamaModel(model_path, n_gpu_layers=cfg.n_gpu_layers, main_gpu=cfg.main_gpu,
                                 split_mode=cfg.split_mode, tensor_split=cfg.tensor_split, use_mmap=cfg.use_mmap)
-        self.model_path = str(self.model.path)
+        self.model_path = os.fsdecode(model_path)  # as given; Response.model carries it
         self.vocab = self.model.vocab
         self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
         self._ctx_key: Any = None
@@ -79,7 +83,7 @@ class LLM:
         self._close_with: Optional["weakref.ReferenceType[Stream]"] = None  # see _close_when_done
         self._starting: Optional[threading.Thread] = None  # the thread setting a generation up
         self._sigint_watchers = 0
-        self._closed = False
+        self._released = False  # the model is freed: every call raises ClosedError
         self.last_stats: Optional[GenerationStats] = None
         self.last_finish_reason: Optional[FinishReason] = None
         self.last_finished_at: Optional[float] = None  # time.perf_counter() when the last generation ended
@@ -141,10 +145,14 @@ class LLM:
             return generation
         with generation:  # an exception (Ctrl-C) while joining ends it at once
             text = "".join(generation)
-        response = Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_name)
+        response = Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_path)
         if key is not None and response.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             cache.put(key, copy_response(response))  # a cancelled generation is cut short: not the answer
         return response
+
+    def generate_with_stats(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> Response:
+        """A ``Response`` with its ``stats`` (every non-streaming call has them; cyllama's name)."""
+        return self(prompt, config=config)
 
     # -- response cache ------------------------------------------------------------------------
     @property
@@ -170,8 +178,8 @@ class LLM:
                on_token: Optional[TokenCallback] = None) -> Stream:
         """A :class:`Stream` of text chunks from ``prompt``; use it in a ``with`` to close it early."""
         config = config or self.config
-        if self._closed:
-            raise ClosedError("this LLM is closed")
+        if self._released:
+            raise ClosedError("this LLM is closed: its model was freed when its with block ended")
         if not isinstance(config, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
         changed = [name for name in _MODEL_FIELDS if getattr(config, name) != getattr(self.config, name)]
@@ -186,7 +194,7 @@ class LLM:
             self._cancellation.begin()
             progress = _generation.Progress()
             n_ctx = min(seq.ctx.n_ctx, config.n_ctx or seq.ctx.n_ctx)  # llama.cpp may round n_ctx up
-            make_sampler = functools.partial(build_sampler, config, self.vocab)
+            make_sampler = functools.partial(build_sampler, config, self.vocab, n_ctx)
             steps = _generation.generate(seq, tokens, make_sampler, config.stop_sequences, config.max_tokens, n_ctx,
                                          self._cancellation, progress)
             stream = Stream(steps, progress, self._cancellation, len(tokens), on_token, self._finished)
@@ -365,28 +373,54 @@ class LLM:
             seq.batch.close()
 
     # -- lifetime ---------------------------------------------------------------------------------
+    def reset_context(self) -> None:
+        """Drop the context (and its KV cache); the next call makes a fresh one.
+
+        A running generation is ended first, as by ``close()``.
+        """
+        self._end_generation()
+
     def close(self) -> None:
-        """Free the context and the model. Idempotent; a running generation is cancelled first."""
-        if self._closed:
+        """Free the context and the sampler; the model stays loaded, so the LLM can generate again.
+
+        A running generation is cancelled first (its stream ends with ``finish_reason``
+        "cancelled"); the next call makes a new context. Idempotent. Leaving a ``with LLM(...)``
+        block also frees the model.
+        """
+        self._end_generation()
+
+    def _end_generation(self) -> None:
+        """Cancel and end the running stream (at most one graph node to wait for), then free the context."""
+        if self._released:
             return
-        self._closed = True
-        self.cancel()
         with self._lock:
             stream = self._owner() if self._owner is not None else None
+        if stream is not None:
+            self.cancel()  # its thread stops between tokens too, not only inside a decode
         try:
             if stream is not None:
                 stream._supersede()
             if self._seq is not None:
                 self._seq.settle()
-        finally:  # whatever the wait raised, nothing is left unfreed
+        finally:  # whatever the wait raised, the context is freed
             self._close_context()
+
+    def _release(self) -> None:
+        """``close()``, then free the model too: the LLM is done, and later calls raise ``ClosedError``."""
+        if self._released:
+            return
+        try:
+            self.close()
+        finally:
+            self._released = True
             self.model.close()
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+        """Free everything, the model included, when the ``with`` block ends."""
+        self._release()
 
     def __repr__(self) -> str:
-        return f"<LLM {self.model_name}{' closed' if self._closed else ''}>"
+        return f"<LLM {self.model_name}{' closed' if self._released else ''}>"

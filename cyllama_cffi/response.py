@@ -28,28 +28,37 @@ class FinishReason(str, enum.Enum):
 
 @dataclass
 class GenerationStats:
-    """Counts and timings of one generation (all measured, none estimated)."""
+    """Counts and timings of one generation (all measured, none estimated).
+
+    The positional order is cyllama's: ``GenerationStats(prompt_tokens, generated_tokens,
+    total_time, tokens_per_second, prompt_time=0.0, generation_time=0.0)``. Times are seconds;
+    ``tokens_per_second`` counts the generated tokens over ``generation_time``.
+    """
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
     total_time: float = 0.0
+    tokens_per_second: float = 0.0
     prompt_time: float = 0.0
     generation_time: float = 0.0
-    tokens_per_second: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
 class Response:
-    """Generated text plus ``stats``, ``finish_reason`` (a :class:`FinishReason`) and ``model``."""
+    """Generated text plus ``stats``, ``finish_reason`` (a :class:`FinishReason`) and ``model``.
+
+    ``Response(text, stats=None, finish_reason="stop", model="")``: ``stats`` stays None when
+    not given (the LLM always gives them); ``model`` is the model path as given to the LLM.
+    """
 
     __slots__ = ("text", "stats", "finish_reason", "model")
 
     def __init__(self, text: str, stats: Optional[GenerationStats] = None,
                  finish_reason: str = "stop", model: str = "") -> None:
         self.text = text
-        self.stats = stats if stats is not None else GenerationStats()
+        self.stats = stats
         self.finish_reason = finish_reason
         self.model = model
 
@@ -57,7 +66,8 @@ class Response:
         return self.text
 
     def __repr__(self) -> str:
-        return f"Response({self.text!r}, finish_reason={str(self.finish_reason)!r})"
+        preview = self.text[:50] + "..." if len(self.text) > 50 else self.text
+        return f"Response(text={preview!r}, finish_reason={str(self.finish_reason)!r})"
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Response):
@@ -92,10 +102,14 @@ class Response:
         return self.text[index]
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"text": self.text, "finish_reason": str(self.finish_reason), "model": self.model,
-                "stats": self.stats.to_dict()}
+        """``text``, ``finish_reason`` (a plain str) and ``model``, and ``stats`` when there are some."""
+        data: Dict[str, Any] = {"text": self.text, "finish_reason": str(self.finish_reason), "model": self.model}
+        if self.stats is not None:
+            data["stats"] = self.stats.to_dict()
+        return data
 
-    def to_json(self, **kwargs: Any) -> str:
+    def to_json(self, indent: Optional[int] = None, **kwargs: Any) -> str:
+        """``to_dict()`` as JSON; ``indent`` and other keywords go to ``json.dumps``."""
         import json  # here, not at the top: it adds to every import of the package
 
-        return json.dumps(self.to_dict(), **kwargs)
+        return json.dumps(self.to_dict(), indent=indent, **kwargs)

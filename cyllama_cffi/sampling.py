@@ -9,41 +9,66 @@ from .lowlevel.vocab import LlamaVocab
 __all__ = ["build_sampler"]
 
 
-def build_sampler(config: GenerationConfig, vocab: LlamaVocab) -> LlamaSampler:
-    """The chain a generation with ``config`` samples from: grammar, penalties, filters, then a choice.
+def build_sampler(config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> LlamaSampler:
+    """The chain a generation with ``config`` samples from, in a context of ``n_ctx`` positions.
 
-    ``temperature=0`` is greedy; ``mirostat`` replaces the filters; ``seed=None`` or -1 lets
-    llama.cpp draw a random seed. A grammar (``config.grammar``/``json_schema``) comes first, so
-    every later stage sees only the tokens it allows, and the token chosen is always one it
-    allows; ``llama_sampler_sample`` then tells every stage, the grammar included, which token
-    was chosen, which advances the grammar. (llama.cpp's own ``common_sampler`` keeps its
-    grammar outside the chain and samples without it first, resampling with it when the token
-    is rejected: the same tokens are allowed, with the filters seeing more candidates.)
+    The order is cyllama's: penalties → DRY → min_p → top_k → top_p → temperature → a random
+    draw, after a grammar stage when ``config.grammar``/``json_schema`` asks for one. The grammar
+    comes first, so every later stage sees only the tokens it allows and the token chosen is
+    always one it allows; ``llama_sampler_sample`` then tells every stage, the grammar included,
+    which token was chosen, which advances the grammar. (llama.cpp's own ``common_sampler``
+    keeps its grammar outside the chain and samples without it first, resampling with it when
+    the token is rejected: the same tokens are allowed, with the filters seeing more candidates.) ``temperature=0`` ends the chain with a greedy choice after the penalties and DRY.
+    ``top_n_sigma > 0`` takes the place of min_p/top_k/top_p; ``mirostat`` 1 or 2 takes the
+    place of the filters, the temperature and the draw. A stage whose settings make it a no-op
+    (``top_k=0``, ``top_p=1``, ``min_p=0``, the penalties at their neutral values) is left out.
+    A look-back of -1 means the whole context, and no window is longer than the context.
     """
     sampler = LlamaSampler()
-    seed = None if config.seed is None or config.seed < 0 else config.seed
+    try:
+        _fill(sampler, config, vocab, n_ctx)
+    except BaseException:
+        sampler.close()
+        raise
+    return sampler
+
+
+def _fill(sampler: LlamaSampler, config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> None:
     grammar = structured_grammar(config)
     if grammar is not None:
-        try:
-            sampler.add_grammar(vocab, grammar)
-        except BaseException:
-            sampler.close()
-            raise
-    if config.repeat_penalty != 1.0 or config.frequency_penalty or config.presence_penalty:
-        sampler.add_penalties(config.penalty_last_n, config.repeat_penalty, config.frequency_penalty,
-                              config.presence_penalty)
+        sampler.add_grammar(vocab, grammar)
+    seed = config.seed  # None, -1 and 0xFFFFFFFF all make llama.cpp draw a random seed
+    # llama.cpp divides positive logits by the repeat penalty: 0.0 would make every recent token
+    # with a positive logit infinitely likely (a reward, not a penalty), so 0.0 is "off", like 1.0.
+    repeat = 1.0 if config.repeat_penalty == 0 else config.repeat_penalty
+    penalty_last_n = _window(config.penalty_last_n, n_ctx)
+    if penalty_last_n != 0 and (repeat != 1.0 or config.frequency_penalty or config.presence_penalty):
+        sampler.add_penalties(penalty_last_n, repeat, config.frequency_penalty, config.presence_penalty)
+    dry_last_n = _window(config.dry_penalty_last_n, n_ctx)
+    if config.dry_multiplier > 0 and config.dry_base >= 1.0 and dry_last_n != 0:  # llama.cpp's own "on" test
+        sampler.add_dry(vocab, config.dry_multiplier, config.dry_base, config.dry_allowed_length, dry_last_n,
+                        config.dry_sequence_breakers)
     if config.temperature <= 0:
-        return sampler.add_greedy()
-    if config.mirostat == 1:
-        return sampler.add_temp(config.temperature).add_mirostat(vocab.n_tokens, config.mirostat_tau,
-                                                                 config.mirostat_eta, seed=seed)
-    if config.mirostat == 2:
-        return sampler.add_temp(config.temperature).add_mirostat_v2(config.mirostat_tau, config.mirostat_eta,
-                                                                    seed=seed)
-    if config.top_k > 0:
-        sampler.add_top_k(config.top_k)
-    if config.top_p < 1.0:
-        sampler.add_top_p(config.top_p)
-    if config.min_p > 0.0:
-        sampler.add_min_p(config.min_p)
-    return sampler.add_temp(config.temperature).add_dist(seed)
+        sampler.add_greedy()
+    elif config.mirostat == 1:
+        sampler.add_mirostat(vocab.n_tokens, config.mirostat_tau, config.mirostat_eta, seed=seed)
+    elif config.mirostat == 2:
+        sampler.add_mirostat_v2(config.mirostat_tau, config.mirostat_eta, seed=seed)
+    else:
+        if config.top_n_sigma > 0:
+            sampler.add_top_n_sigma(config.top_n_sigma)
+        else:
+            if config.min_p > 0.0:
+                sampler.add_min_p(config.min_p)
+            if config.top_k > 0:
+                sampler.add_top_k(config.top_k)
+            if config.top_p < 1.0:
+                sampler.add_top_p(config.top_p)
+        sampler.add_temp(config.temperature)
+        sampler.add_dist(seed)
+
+
+def _window(last_n: int, n_ctx: int) -> int:
+    """A look-back in tokens: -1 is the whole context, and none is longer than it."""
+    return n_ctx if last_n < 0 else min(last_n, n_ctx)
+

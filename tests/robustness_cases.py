@@ -236,12 +236,15 @@ def detokenizing_partial_utf8_gives_replacement_characters(path: str) -> None:
 _ABSURD_CONFIG = {
     "max_tokens": (-1, 2.5, "10", None, True), "temperature": (-1.0, float("nan"), float("inf"), "hot"),
     "top_k": (-1, 1.5, 2 ** 31), "top_p": (-0.1, 1.01, float("nan")), "min_p": (2.0, float("-inf")),
-    "repeat_penalty": (0.0, -1.0, float("nan")), "penalty_last_n": (-2, 1.5, 2 ** 31, 10 ** 30),
-    "frequency_penalty": (float("nan"),), "presence_penalty": (float("inf"),), "mirostat": (3, -1, 1.0),
+    "repeat_penalty": (-1.0, float("nan")), "penalty_last_n": (-2, 1.5, 2 ** 31, 10 ** 30),
+    "frequency_penalty": (float("nan"), -1.0), "presence_penalty": (float("inf"),),
+    "dry_multiplier": (-1.0, float("nan")), "dry_base": (-0.5, float("inf")), "dry_allowed_length": (-1, 2 ** 31),
+    "dry_penalty_last_n": (-2, 2 ** 31), "dry_sequence_breakers": ("\n", [None], ["a\0"]),
+    "top_n_sigma": (float("nan"), "1"), "mirostat": (3, -1, 1.0),
     "mirostat_tau": (0.0, float("nan")), "mirostat_eta": (-1.0,), "n_gpu_layers": (-2, 1.5, 2 ** 31),
     "main_gpu": (-1, 2 ** 31), "split_mode": (3, -1), "tensor_split": ([float("nan")], [-1.0], "1,2", [1e400]),
-    "n_ctx": (0, 7, -1, 2 ** 31, 2 ** 64, 4096.0), "n_batch": (0, -1, 2 ** 31), "n_ubatch": (0, 2 ** 40),
-    "seed": (-2, 2 ** 32, 2 ** 64, 1.5), "stop_sequences": ([""], "stop", [b"x"], [None]),
+    "n_ctx": (0, -1, 2 ** 31, 2 ** 64, 4096.0), "n_batch": (0, -1, 2 ** 31), "n_ubatch": (0, 2 ** 40),
+    "seed": (-2, 2 ** 32, 2 ** 64, 1.5), "stop_sequences": ("stop", [b"x"], [None]),
     "add_bos": (1, "yes"), "parse_special": (0,), "n_threads": (0, -1, 10 ** 6, 2.0),
 }
 
@@ -271,7 +274,7 @@ def model_level_settings_cannot_change_per_call(path: str) -> None:
 @case
 def absurd_low_level_values(path: str) -> None:
     with LlamaModel(path) as model:
-        for kwargs in ({"n_ctx": -1}, {"n_ctx": 3}, {"n_batch": 0}, {"n_ubatch": 0}, {"n_batch": -5},
+        for kwargs in ({"n_ctx": -1}, {"n_batch": 0}, {"n_ubatch": 0}, {"n_batch": -5},
                        {"n_threads": 0}, {"n_threads": -3}, {"n_threads_batch": 0}):
             expect(ValueError, LlamaContext, model, **kwargs)
         for kwargs in ({"n_ctx": 2 ** 32}, {"n_batch": 2 ** 32}, {"n_seq_max": -1}, {"n_threads": 2 ** 31}):
@@ -288,7 +291,29 @@ def absurd_low_level_values(path: str) -> None:
             expect(ValueError, ctx.set_n_threads, 0)
             expect(ValueError, ctx.set_n_threads, 1, -1)
         expect(ValueError, LlamaSampler().add_penalties, 64, 0.0)
+        expect(ValueError, LlamaSampler().add_penalties, 2 ** 30, 1.1)  # a window llama.cpp cannot allocate
+        for args in ((1.0, 1.75, 2, 2 ** 30), (float("nan"),), ("1",), (1.0, 1.75, 2.5), (1.0, 1.75, 2, -1, "\n"),
+                     (1.0, 1.75, 2, -1, ["a\0"]), (1.0, 1.75, 2 ** 31)):
+            expect(ValueError, LlamaSampler().add_dry, model.vocab, *args)
         expect(ValueError, LlamaModel, path, tensor_split=[1.0] * 1000)
+
+
+@case
+def generation_with_extreme_but_valid_sampling_values(path: str) -> None:
+    """Values GenerationConfig accepts that llama.cpp's samplers take to infinities: no crash, text out."""
+    with _llm(path, max_tokens=24, seed=3) as llm:
+        for overrides in ({"repeat_penalty": 0.0, "penalty_last_n": -1}, {"repeat_penalty": 1e-6},
+                          {"dry_multiplier": 1e30, "dry_base": 1e30, "dry_allowed_length": 0},
+                          {"dry_multiplier": 5.0, "dry_penalty_last_n": 1, "dry_sequence_breakers": []},
+                          {"top_n_sigma": 1e-9}, {"top_n_sigma": 1e30}, {"frequency_penalty": 1e30}):
+            for temperature in (0.0, 0.8):
+                response = llm("the cat the cat the cat", config=llm.config.replace(temperature=temperature, **overrides))
+                assert response.finish_reason in ("stop", "length") and isinstance(response.text, str)
+        one_token = llm.tokenize("the", add_special=False)[:1]
+        for n_ctx in range(2, 8):  # llama.cpp pads such a context to 256 cells and caps n_batch at n_ctx
+            response = llm(one_token, config=llm.config.replace(n_ctx=n_ctx, max_tokens=50))
+            generated = response.stats.generated_tokens
+            assert generated == n_ctx if response.finish_reason == "length" else generated < n_ctx
 
 
 @case
@@ -315,16 +340,22 @@ def sampler_with_absurd_parameters_still_samples(path: str) -> None:
 def llm_after_close(path: str) -> None:
     llm = _llm(path)
     llm("the cat")
+    llm.close()  # frees the context; the model stays
     llm.close()
-    llm.close()
+    llm.reset_context()
+    _usable(llm)
+    with llm:
+        pass  # leaving the block frees the model too
     for call in (lambda: llm("the cat"), lambda: llm.stream("the cat"), lambda: llm.generate("x"),
-                 lambda: llm.tokenize("x"), lambda: llm.detokenize([1]),
+                 lambda: llm.generate_with_stats("x"), lambda: llm.tokenize("x"), lambda: llm.detokenize([1]),
                  lambda: llm.format_chat([{"role": "user", "content": "x"}]),
                  lambda: llm.chat([{"role": "user", "content": "x"}]), lambda: llm.get_chat_template()):
         expect((ClosedError, ValueError), call)
     llm.cancel()  # harmless after close
     assert llm.cancel_requested
-    with llm:  # the context manager on a closed LLM only closes again
+    llm.close()
+    llm.reset_context()
+    with llm:  # the context manager on a released LLM only closes again
         pass
 
 

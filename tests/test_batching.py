@@ -94,7 +94,7 @@ def test_sequences_join_and_leave_between_steps(model, solo):
     try:
         def sequence(prompt, max_tokens):
             return EngineSequence(vocab.tokenize(prompt, add_special=True, parse_special=True),
-                                  build_sampler(GREEDY, vocab), max_tokens)
+                                  build_sampler(GREEDY, vocab, engine.seq_capacity), max_tokens)
 
         first = engine.add(sequence(PROMPTS[0], 24))
         for _ in range(5):

@@ -174,12 +174,14 @@ def test_generations_in_different_threads_one_after_another(model_path, referenc
     steps = [lambda: holder.update(llm=LLM(model_path, temperature=0.0, max_tokens=16)),  # created here
              lambda: holder.update(short=holder["llm"](SHORT).text),                      # used there
              lambda: holder.update(prompt="".join(holder["llm"](PROMPT, stream=True))),
-             lambda: holder["llm"].close()]                                               # closed elsewhere
+             lambda: holder["llm"].close(),                                               # closed elsewhere
+             lambda: holder.update(again=holder["llm"](SHORT).text),                      # and used again
+             lambda: holder["llm"].__exit__(None, None, None)]                            # released
     for step in steps:
         thread = threading.Thread(target=step)
         thread.start()
         thread.join(120)
-    assert holder["short"] == reference[SHORT] and holder["prompt"] == reference[PROMPT]
+    assert holder["short"] == holder["again"] == reference[SHORT] and holder["prompt"] == reference[PROMPT]
     with pytest.raises(ClosedError):
         holder["llm"](SHORT)
 
@@ -237,5 +239,9 @@ def test_close_from_another_thread_mid_prefill(model_path):
     worker.join(60)
     assert time.monotonic() - started < 5.0
     assert "error" not in box and box["chunks"] == [] and stream.finish_reason == "cancelled"
+    assert llm._seq is None and not llm.model.closed  # close() frees the context, keeps the model
+    assert llm(SHORT).finish_reason in ("stop", "length")
+    with llm:
+        pass
     with pytest.raises(ClosedError):
         llm(SHORT)

@@ -96,6 +96,14 @@ def check_config(out: str) -> None:
     assert first.endswith(" stop") and "six" not in first and second == "True"
 
 
+def check_closing(out: str) -> None:
+    assert lines(out) == ["length", "length", "length", "closed"]
+
+
+def check_dry(out: str) -> None:
+    assert lines(out) == ["False", "True"]
+
+
 def check_tokens(out: str) -> None:
     assert lines(out)[-1] == "True"
 
@@ -212,6 +220,8 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "quickstart-generate": check_generate,
     "quickstart-stop-early": check_stop_early,
     "quickstart-config": check_config,
+    "quickstart-closing": check_closing,
+    "quickstart-dry": check_dry,
     "quickstart-tokens": check_tokens,
     "quickstart-errors": check_errors,
     "install-check": check_install,

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from cyllama_cffi import LLM, GenerationConfig, GenerationStats, Response
-from cyllama_cffi.errors import ContextBusyError
+from cyllama_cffi.errors import ClosedError, ContextBusyError
 
 PROMPT = "The capital of France is"
 
@@ -44,8 +44,9 @@ def test_overrides_apply_to_a_copy(model_path):
 
 @pytest.mark.parametrize("field,value", [
     ("max_tokens", -1), ("temperature", -0.5), ("top_k", -3), ("top_p", 1.5), ("min_p", -0.1),
-    ("repeat_penalty", 0.0), ("mirostat", 3), ("n_ctx", 2), ("n_batch", 0), ("seed", 2**40),
-    ("stop_sequences", [""]), ("n_threads", 0), ("temperature", float("nan")), ("max_tokens", 1.5),
+    ("repeat_penalty", -0.1), ("mirostat", 3), ("n_ctx", 0), ("n_batch", 0), ("seed", 2**40),
+    ("stop_sequences", "x"), ("n_threads", 0), ("temperature", float("nan")), ("max_tokens", 1.5),
+    ("dry_multiplier", -1.0), ("dry_sequence_breakers", [None]),
 ])
 def test_invalid_config_values(field, value):
     with pytest.raises(ValueError, match="Invalid GenerationConfig"):
@@ -306,12 +307,60 @@ def test_generation_stats_defaults():
     assert GenerationStats().to_dict()["generated_tokens"] == 0
 
 
-def test_closed_llm_refuses_work(model_path):
-    llm = LLM(model_path, max_tokens=2)
+def test_close_frees_the_context_and_the_llm_generates_again(model_path):
+    """cyllama's close(): the context goes, the model stays, the next call makes a new context."""
+    llm = LLM(model_path, temperature=0.0, max_tokens=6)
+    expected = llm(PROMPT).text
+    ctx = llm._seq.ctx
     llm.close()
     llm.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    assert ctx.closed and llm._seq is None and not llm.model.closed
+    assert not llm.cancel_requested  # nothing ran: nothing to cancel
+    assert llm(PROMPT).text == expected and not llm._seq.ctx.closed
+    llm.close()
+
+
+def test_leaving_the_with_block_frees_the_model_too(model_path):
+    with LLM(model_path, temperature=0.0, max_tokens=2) as llm:
         llm(PROMPT)
+        ctx, model = llm._seq.ctx, llm.model
+    assert ctx.closed and model.closed
+    with pytest.raises(ClosedError, match="closed"):
+        llm(PROMPT)
+    with pytest.raises(ClosedError):
+        llm.tokenize("x")
+    llm.close()  # closing again, or another with block, is harmless
+    with llm:
+        pass
+
+
+def test_reset_context_drops_the_context_and_ends_a_running_stream(model_path):
+    with LLM(model_path, temperature=0.0, max_tokens=8) as llm:
+        expected = llm(PROMPT).text
+        stream = llm.stream(PROMPT)
+        first = next(stream)
+        old = llm._seq.ctx
+        llm.reset_context()
+        assert old.closed and llm._seq is None
+        assert stream.finish_reason == "cancelled" and list(stream) == [] and expected.startswith(first)
+        assert llm(PROMPT).text == expected and llm._seq.ctx is not old
+
+
+def test_close_ends_a_running_stream_as_cancelled(model_path):
+    with LLM(model_path, temperature=0.0, max_tokens=30) as llm:
+        stream = llm.stream(PROMPT)
+        next(stream)
+        llm.close()
+        assert stream.finish_reason == "cancelled" and list(stream) == []
+        assert llm(PROMPT, config=llm.config.replace(max_tokens=3)).finish_reason == "length"
+
+
+def test_generate_with_stats(llm, model_path):
+    response = llm.generate_with_stats(PROMPT, llm.config.replace(max_tokens=3))
+    assert isinstance(response, Response) and response.finish_reason == "length"
+    assert response.stats.generated_tokens == 3 and response.stats.prompt_tokens == len(llm.tokenize(PROMPT))
+    assert response.text == llm(PROMPT, config=llm.config.replace(max_tokens=3)).text
+    assert response.model == str(model_path)  # the path as given, as in cyllama
 
 
 def test_no_decode_thread_outlives_its_prompt(llm):
@@ -361,8 +410,8 @@ def test_a_stream_closed_before_its_first_step_never_makes_a_sampler(llm, monkey
     made = []
     original = llm_module.build_sampler
 
-    def counting(config, vocab):
-        made.append(original(config, vocab))
+    def counting(config, vocab, n_ctx):
+        made.append(original(config, vocab, n_ctx))
         return made[-1]
 
     monkeypatch.setattr(llm_module, "build_sampler", counting)

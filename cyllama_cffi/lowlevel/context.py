@@ -85,8 +85,6 @@ class LlamaContext(CHandle):
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
             if value < 0 or (name != "n_ctx" and value == 0):
                 raise ValueError(f"{name} must be {'>= 0' if name == 'n_ctx' else '> 0'}, got {value}")
-        if n_ctx and n_ctx < 8:
-            raise ValueError(f"n_ctx must be at least 8 (or 0 for the model's), got {n_ctx}")
         threads = n_threads if n_threads is not None else usable_cores()
         threads_batch = n_threads_batch if n_threads_batch is not None else threads
         if threads <= 0 or threads_batch <= 0:

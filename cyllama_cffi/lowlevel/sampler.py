@@ -15,7 +15,7 @@ checks the chosen token against the grammar first and turns that dead end into a
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from .._ffi import ffi, lib
 from ..errors import GrammarDeadEnd
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from .vocab import LlamaVocab
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
+# Look-back windows are allocated in full when the sampler is made (a ring buffer of that many
+# tokens, and a count per slot for DRY): a window of 2**31 makes llama.cpp's allocation throw
+# through C and end the process. No context is longer than this.
+MAX_LAST_N = 1 << 24
 
 
 class LlamaSampler(CHandle):
@@ -92,8 +96,10 @@ class LlamaSampler(CHandle):
 
     def add_penalties(self, last_n: int = 64, repeat: float = 1.0, frequency: float = 0.0,
                       presence: float = 0.0, n_vocab: int = 0) -> "LlamaSampler":
+        """Repeat, frequency and presence penalties over the last ``last_n`` tokens (0 or less = off)."""
         if repeat <= 0:
             raise ValueError(f"repeat penalty must be > 0, got {repeat}")
+        _check_last_n("last_n", last_n)
         return self._add("penalties", lib.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence))
 
     def add_grammar(self, vocab: "LlamaVocab", grammar: Any, root: str = "root") -> "LlamaSampler":
@@ -123,6 +129,44 @@ class LlamaSampler(CHandle):
         self._n_vocab = vocab.n_tokens
         self._depend_on_vocab(vocab)
         return self
+
+    def add_dry(self, vocab: "LlamaVocab", multiplier: float, base: float = 1.75, allowed_length: int = 2,
+                penalty_last_n: int = -1, sequence_breakers: Sequence[str] = ("\n", ":", "\"", "*")
+                ) -> "LlamaSampler":
+        """DRY ("don't repeat yourself"): penalise a token that would extend a repetition.
+
+        A token continuing a repeat longer than ``allowed_length`` loses
+        ``multiplier * base ** (length - allowed_length)`` of its logit. The look-back is the last
+        ``penalty_last_n`` tokens; llama.cpp treats 0 or less as off (``GenerationConfig`` turns
+        its -1 into the context size). A repetition is not followed across a
+        ``sequence_breakers`` string. llama.cpp leaves the stage out when ``multiplier`` is 0 or
+        ``base`` is below 1. Making it scans the whole vocabulary once per breaker.
+        """
+        for name, value in (("multiplier", multiplier), ("base", base)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"DRY {name} must be a number, got {value!r}")
+        for name, value in (("allowed_length", allowed_length), ("penalty_last_n", penalty_last_n)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"DRY {name} must be an int, got {value!r}")
+        if not -(2**31) <= allowed_length < 2**31:
+            raise ValueError(f"DRY allowed_length must fit in int32, got {allowed_length}")
+        _check_last_n("DRY penalty_last_n", penalty_last_n)
+        if isinstance(sequence_breakers, (str, bytes)) or not all(isinstance(b, str) for b in sequence_breakers):
+            raise ValueError(f"DRY sequence_breakers must be a list of str, got {sequence_breakers!r}")
+        encoded = [b.encode("utf-8") for b in sequence_breakers if b]  # llama.cpp skips empty ones, with a warning
+        if any(b"\0" in b for b in encoded):
+            raise ValueError(f"DRY sequence_breakers must not contain NUL characters, got {sequence_breakers!r}")
+        # The C strings and the array of pointers to them live until the call returns: llama.cpp
+        # copies what it needs (the breakers' token sequences) while it makes the sampler.
+        strings = [ffi.new("char[]", b) for b in encoded]
+        array = ffi.new("char *[]", strings) if strings else ffi.NULL
+        sampler = lib.llama_sampler_init_dry(vocab.ptr, multiplier, base, allowed_length, penalty_last_n,
+                                             array, len(strings))
+        return self._add("dry", sampler)
+
+    def add_top_n_sigma(self, n: float) -> "LlamaSampler":
+        """Keep the tokens whose logit is within ``n`` standard deviations of the largest (``n <= 0``: off)."""
+        return self._add("top_n_sigma", lib.llama_sampler_init_top_n_sigma(n))
 
     def _depend_on_vocab(self, vocab: "LlamaVocab") -> None:
         self._depend_on(vocab._model)
@@ -186,6 +230,11 @@ class LlamaSampler(CHandle):
 
     def __repr__(self) -> str:
         return f"<LlamaSampler {' -> '.join(self.stages) or 'empty'}>"
+
+
+def _check_last_n(name: str, value: int) -> None:
+    if value > MAX_LAST_N:
+        raise ValueError(f"{name} must be at most {MAX_LAST_N} (the longest context), got {value}")
 
 
 def _seed(seed: Optional[int]) -> int:

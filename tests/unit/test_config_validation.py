@@ -6,14 +6,18 @@ import dataclasses
 
 import pytest
 
+import cyllama_cffi
+from cyllama_cffi import defaults
 from cyllama_cffi.config import INT32_MAX, GenerationConfig
 
 DEFAULTS = {
     "max_tokens": 512, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
     "repeat_penalty": 1.0, "penalty_last_n": 64, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-    "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_gpu_layers": 99, "main_gpu": 0,
-    "split_mode": 1, "tensor_split": None, "n_ctx": None, "n_batch": 2048, "n_ubatch": 512,
-    "seed": None, "stop_sequences": [], "add_bos": True, "parse_special": True, "n_threads": None,
+    "dry_multiplier": 0.0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": -1,
+    "dry_sequence_breakers": ["\n", ":", "\"", "*"], "top_n_sigma": -1.0,
+    "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_gpu_layers": -1, "main_gpu": 0,
+    "split_mode": 1, "tensor_split": None, "n_ctx": None, "n_batch": 2048, "seed": 0xFFFFFFFF,
+    "stop_sequences": [], "add_bos": True, "parse_special": True, "n_ubatch": 512, "n_threads": None,
     "use_mmap": True, "grammar": None, "json_schema": None,
 }
 
@@ -25,59 +29,90 @@ def test_defaults():
     assert [f.name for f in dataclasses.fields(GenerationConfig)] == list(DEFAULTS)
 
 
-def test_each_config_gets_its_own_stop_sequence_list():
+def test_defaults_come_from_the_defaults_module_under_cyllamas_names():
+    config = GenerationConfig()
+    assert (defaults.LLAMA_DEFAULT_SEED, defaults.DEFAULT_TEMPERATURE, defaults.DEFAULT_TOP_K, defaults.DEFAULT_TOP_P,
+            defaults.DEFAULT_MIN_P, defaults.DEFAULT_REPEAT_PENALTY, defaults.DEFAULT_PENALTY_LAST_N,
+            defaults.DEFAULT_PENALTY_FREQ, defaults.DEFAULT_PENALTY_PRESENT, defaults.DEFAULT_MAX_TOKENS,
+            defaults.DEFAULT_N_GPU_LAYERS, defaults.DEFAULT_N_BATCH, defaults.DEFAULT_MAIN_GPU,
+            defaults.DEFAULT_SPLIT_MODE) == \
+        (config.seed, config.temperature, config.top_k, config.top_p, config.min_p, config.repeat_penalty,
+         config.penalty_last_n, config.frequency_penalty, config.presence_penalty, config.max_tokens,
+         config.n_gpu_layers, config.n_batch, config.main_gpu, config.split_mode)
+    assert defaults.LLAMA_DEFAULT_SEED == 0xFFFFFFFF
+    for name in defaults.__all__:  # the package root exports every one of them, the same object
+        assert getattr(cyllama_cffi, name) == getattr(defaults, name) and name in cyllama_cffi.__all__
+
+
+def test_each_config_gets_its_own_lists():
     first, second = GenerationConfig(), GenerationConfig()
     first.stop_sequences.append("\n")
+    first.dry_sequence_breakers.append("###")
     assert second.stop_sequences == [] and GenerationConfig().stop_sequences == []
+    assert second.dry_sequence_breakers == ["\n", ":", "\"", "*"]
 
 
-# (field, bad value, the message naming it); each message is the whole error after the prefix.
+# (field, bad value, the message naming it); each message is the whole error after the prefix, and
+# starts with cyllama's own phrase for the rule.
 INVALID = [
-    ("max_tokens", -1, "max_tokens must be an int >= 0, got -1"),
-    ("max_tokens", 1.5, "max_tokens must be an int >= 0, got 1.5"),
-    ("max_tokens", True, "max_tokens must be an int >= 0, got True"),
-    ("temperature", -0.5, "temperature must be >= 0, got -0.5"),
-    ("temperature", float("nan"), "temperature must be >= 0, got nan"),
-    ("temperature", float("inf"), "temperature must be >= 0, got inf"),
-    ("temperature", "0.7", "temperature must be >= 0, got '0.7'"),
-    ("top_k", -3, f"top_k must be an int in [0, {INT32_MAX}], got -3"),
-    ("top_k", INT32_MAX + 1, f"top_k must be an int in [0, {INT32_MAX}], got {INT32_MAX + 1}"),
-    ("top_p", 1.5, "top_p must be in [0, 1], got 1.5"),
-    ("top_p", -0.01, "top_p must be in [0, 1], got -0.01"),
-    ("min_p", -0.1, "min_p must be in [0, 1], got -0.1"),
-    ("min_p", 2, "min_p must be in [0, 1], got 2"),
-    ("repeat_penalty", 0.0, "repeat_penalty must be > 0, got 0.0"),
-    ("repeat_penalty", None, "repeat_penalty must be > 0, got None"),
-    ("penalty_last_n", -2, f"penalty_last_n must be an int in [-1, {INT32_MAX}], got -2"),
-    ("frequency_penalty", float("inf"), "frequency_penalty must be a finite number, got inf"),
-    ("presence_penalty", float("-inf"), "presence_penalty must be a finite number, got -inf"),
-    ("presence_penalty", False, "presence_penalty must be a finite number, got False"),
-    ("mirostat", 3, "mirostat must be 0, 1 or 2, got 3"),
-    ("mirostat", 1.0, "mirostat must be 0, 1 or 2, got 1.0"),
-    ("mirostat", True, "mirostat must be 0, 1 or 2, got True"),
-    ("mirostat_tau", 0, "mirostat_tau must be > 0, got 0"),
-    ("mirostat_eta", -0.1, "mirostat_eta must be > 0, got -0.1"),
-    ("n_gpu_layers", -2, f"n_gpu_layers must be an int in [-1, {INT32_MAX}], got -2"),
-    ("main_gpu", -1, f"main_gpu must be an int in [0, {INT32_MAX}], got -1"),
-    ("split_mode", 3, "split_mode must be 0, 1 or 2, got 3"),
-    ("tensor_split", [1.0, -1.0], "tensor_split must be None or a list of numbers >= 0, got [1.0, -1.0]"),
-    ("tensor_split", "0.5,0.5", "tensor_split must be None or a list of numbers >= 0, got '0.5,0.5'"),
-    ("tensor_split", [float("nan")], "tensor_split must be None or a list of numbers >= 0, got [nan]"),
-    ("n_ctx", 7, "n_ctx must be None or an int in [8, 16777216], got 7"),
-    ("n_ctx", (1 << 24) + 1, "n_ctx must be None or an int in [8, 16777216], got 16777217"),
-    ("n_batch", 0, "n_batch must be an int in [1, 1048576], got 0"),
-    ("n_batch", (1 << 20) + 1, "n_batch must be an int in [1, 1048576], got 1048577"),
-    ("n_ubatch", 0, "n_ubatch must be an int in [1, 1048576], got 0"),
-    ("seed", -2, "seed must be None, -1 or an int in [0, 2**32), got -2"),
-    ("seed", 2**32, "seed must be None, -1 or an int in [0, 2**32), got 4294967296"),
-    ("seed", 1.0, "seed must be None, -1 or an int in [0, 2**32), got 1.0"),
-    ("stop_sequences", [""], "stop_sequences must be a list of non-empty strings, got ['']"),
-    ("stop_sequences", "###", "stop_sequences must be a list of non-empty strings, got '###'"),
-    ("stop_sequences", [b"###"], "stop_sequences must be a list of non-empty strings, got [b'###']"),
+    ("max_tokens", -1, "max_tokens must be >= 0, got -1"),
+    ("max_tokens", 1.5, "max_tokens must be >= 0 (an int), got 1.5"),
+    ("max_tokens", True, "max_tokens must be >= 0 (an int), got True"),
+    ("temperature", -0.5, "temperature must be >= 0.0, got -0.5"),
+    ("temperature", float("nan"), "temperature must be >= 0.0 (a finite number), got nan"),
+    ("temperature", float("inf"), "temperature must be >= 0.0 (a finite number), got inf"),
+    ("temperature", "0.7", "temperature must be >= 0.0 (a finite number), got '0.7'"),
+    ("top_k", -3, "top_k must be >= 0, got -3"),
+    ("top_k", INT32_MAX + 1, f"top_k must be >= 0 and <= {INT32_MAX}, got {INT32_MAX + 1}"),
+    ("top_p", 1.5, "top_p must be between 0.0 and 1.0, got 1.5"),
+    ("top_p", -0.01, "top_p must be between 0.0 and 1.0, got -0.01"),
+    ("min_p", -0.1, "min_p must be between 0.0 and 1.0, got -0.1"),
+    ("min_p", 2, "min_p must be between 0.0 and 1.0, got 2"),
+    ("repeat_penalty", -0.1, "repeat_penalty must be >= 0.0, got -0.1"),
+    ("repeat_penalty", None, "repeat_penalty must be >= 0.0 (a finite number), got None"),
+    ("penalty_last_n", -2, "penalty_last_n must be >= -1, got -2"),
+    ("penalty_last_n", INT32_MAX + 1, f"penalty_last_n must be >= -1 and <= {INT32_MAX}, got {INT32_MAX + 1}"),
+    ("frequency_penalty", float("inf"), "frequency_penalty must be >= 0.0 (a finite number), got inf"),
+    ("frequency_penalty", -0.5, "frequency_penalty must be >= 0.0, got -0.5"),
+    ("presence_penalty", float("-inf"), "presence_penalty must be >= 0.0 (a finite number), got -inf"),
+    ("presence_penalty", False, "presence_penalty must be >= 0.0 (a finite number), got False"),
+    ("dry_multiplier", -1.0, "dry_multiplier must be >= 0.0, got -1.0"),
+    ("dry_multiplier", float("nan"), "dry_multiplier must be >= 0.0 (a finite number), got nan"),
+    ("dry_base", -0.5, "dry_base must be >= 0.0, got -0.5"),
+    ("dry_allowed_length", -1, "dry_allowed_length must be >= 0, got -1"),
+    ("dry_allowed_length", 2.0, "dry_allowed_length must be >= 0 (an int), got 2.0"),
+    ("dry_penalty_last_n", -2, "dry_penalty_last_n must be >= -1, got -2"),
+    ("dry_sequence_breakers", "\n", "dry_sequence_breakers must be a list of str, got '\\n'"),
+    ("dry_sequence_breakers", [b":"], "dry_sequence_breakers must be a list of str, got [b':']"),
+    ("dry_sequence_breakers", ["a\0b"],
+     "dry_sequence_breakers must be a list of str without NUL characters, got ['a\\x00b']"),
+    ("top_n_sigma", float("nan"), "top_n_sigma must be a number (-1.0 = off) (a finite number), got nan"),
+    ("top_n_sigma", "1", "top_n_sigma must be a number (-1.0 = off) (a finite number), got '1'"),
+    ("mirostat", 3, "mirostat must be 0, 1, or 2, got 3"),
+    ("mirostat", 1.0, "mirostat must be 0, 1, or 2, got 1.0"),
+    ("mirostat", True, "mirostat must be 0, 1, or 2, got True"),
+    ("mirostat_tau", 0, "mirostat_tau must be > 0.0, got 0"),
+    ("mirostat_eta", -0.1, "mirostat_eta must be > 0.0, got -0.1"),
+    ("n_gpu_layers", -2, "n_gpu_layers must be >= -1, got -2"),
+    ("main_gpu", -1, "main_gpu must be >= 0, got -1"),
+    ("split_mode", 3, "split_mode must be 0, 1, or 2, got 3"),
+    ("tensor_split", [1.0, -1.0], "tensor_split values must be non-negative numbers, got [1.0, -1.0]"),
+    ("tensor_split", "0.5,0.5", "tensor_split must be a list or None, got '0.5,0.5'"),
+    ("tensor_split", [float("nan")], "tensor_split values must be non-negative numbers, got [nan]"),
+    ("n_ctx", 0, "n_ctx must be >= 1, got 0"),
+    ("n_ctx", (1 << 24) + 1, "n_ctx must be >= 1 and <= 16777216, got 16777217"),
+    ("n_batch", 0, "n_batch must be >= 1, got 0"),
+    ("n_batch", (1 << 20) + 1, "n_batch must be >= 1 and <= 1048576, got 1048577"),
+    ("seed", -2, "seed must be >= -1, got -2"),
+    ("seed", 2**32, "seed must be >= -1 and <= 4294967295, got 4294967296"),
+    ("seed", 1.0, "seed must be >= -1 (an int), got 1.0"),
+    ("stop_sequences", "###", "stop_sequences must be a list of str, got '###'"),
+    ("stop_sequences", [b"###"], "stop_sequences must be a list of str, got [b'###']"),
     ("add_bos", 1, "add_bos must be a bool, got 1"),
     ("parse_special", "yes", "parse_special must be a bool, got 'yes'"),
-    ("n_threads", 0, "n_threads must be None or an int in [1, 512], got 0"),
-    ("n_threads", 513, "n_threads must be None or an int in [1, 512], got 513"),
+    ("n_ubatch", 0, "n_ubatch must be >= 1, got 0"),
+    ("n_threads", 0, "n_threads must be >= 1, got 0"),
+    ("n_threads", 513, "n_threads must be >= 1 and <= 512, got 513"),
     ("use_mmap", None, "use_mmap must be a bool, got None"),
     ("use_mmap", "no", "use_mmap must be a bool, got 'no'"),
     ("grammar", "root ::= x", "grammar: invalid GBNF grammar: rule 'x' is used but never defined"),
@@ -103,20 +138,24 @@ def test_every_field_has_a_check():
 def test_all_problems_are_reported_at_once_in_field_order():
     with pytest.raises(ValueError) as raised:
         GenerationConfig(n_threads=0, max_tokens=-1, top_p=2)
-    assert str(raised.value) == ("Invalid GenerationConfig: max_tokens must be an int >= 0, got -1; "
-                                 "top_p must be in [0, 1], got 2; "
-                                 "n_threads must be None or an int in [1, 512], got 0")
+    assert str(raised.value) == ("Invalid GenerationConfig: max_tokens must be >= 0, got -1; "
+                                 "top_p must be between 0.0 and 1.0, got 2; "
+                                 "n_threads must be >= 1, got 0")
 
 
 VALID_EDGES = [
-    ("max_tokens", 0), ("temperature", 0), ("temperature", 0.0), ("top_k", 0), ("top_k", INT32_MAX),
-    ("top_p", 0), ("top_p", 1), ("min_p", 0.0), ("min_p", 1.0), ("repeat_penalty", 1e-6),
-    ("penalty_last_n", -1), ("penalty_last_n", 0), ("frequency_penalty", -2.0), ("presence_penalty", 2),
-    ("mirostat", 1), ("mirostat", 2), ("n_gpu_layers", -1), ("n_gpu_layers", 0), ("split_mode", 0),
-    ("split_mode", 2), ("tensor_split", []), ("tensor_split", (0.25, 0.75)), ("tensor_split", [0, 1]),
-    ("n_ctx", 8), ("n_ctx", 1 << 24), ("n_batch", 1), ("n_batch", 1 << 20), ("n_ubatch", 1 << 20),
-    ("seed", -1), ("seed", 0), ("seed", 2**32 - 1), ("stop_sequences", ("a", "\n\n")),
-    ("add_bos", False), ("parse_special", False), ("n_threads", 1), ("n_threads", 512), ("use_mmap", False),
+    ("max_tokens", 0), ("max_tokens", 10**6), ("temperature", 0), ("temperature", 0.0), ("top_k", 0),
+    ("top_k", INT32_MAX), ("top_p", 0), ("top_p", 1), ("min_p", 0.0), ("min_p", 1.0), ("repeat_penalty", 0.0),
+    ("repeat_penalty", 1e-6), ("penalty_last_n", -1), ("penalty_last_n", 0), ("frequency_penalty", 0.0),
+    ("frequency_penalty", 2.0), ("presence_penalty", 2), ("dry_multiplier", 0.0), ("dry_multiplier", 0.8),
+    ("dry_base", 0.0), ("dry_allowed_length", 0), ("dry_penalty_last_n", -1), ("dry_penalty_last_n", 0),
+    ("dry_sequence_breakers", []), ("dry_sequence_breakers", ("\n", "")), ("top_n_sigma", -1.0),
+    ("top_n_sigma", 0), ("top_n_sigma", 1.5), ("mirostat", 1), ("mirostat", 2), ("n_gpu_layers", -1),
+    ("n_gpu_layers", 0), ("split_mode", 0), ("split_mode", 2), ("tensor_split", []), ("tensor_split", (0.25, 0.75)),
+    ("tensor_split", [0, 1]), ("n_ctx", 1), ("n_ctx", 7), ("n_ctx", 1 << 24), ("n_batch", 1), ("n_batch", 1 << 20),
+    ("n_ubatch", 1 << 20), ("seed", None), ("seed", -1), ("seed", 0), ("seed", 2**32 - 1),
+    ("stop_sequences", ("a", "\n\n")), ("stop_sequences", [""]), ("add_bos", False), ("parse_special", False),
+    ("n_threads", 1), ("n_threads", 512), ("use_mmap", False),
     ("grammar", 'root ::= "a"'), ("json_schema", {}), ("json_schema", {"type": "integer"}),
 ]
 
@@ -132,7 +171,7 @@ def test_replace_returns_a_validated_copy():
     assert changed is not base and changed.temperature == 0.0 and changed.max_tokens == 7
     assert changed.stop_sequences == ["y"]
     assert base.temperature == 0.8 and base.stop_sequences == ["x"]
-    with pytest.raises(ValueError, match=r"^Invalid GenerationConfig: top_k must be an int"):
+    with pytest.raises(ValueError, match=r"^Invalid GenerationConfig: top_k must be >= 0, got -1$"):
         base.replace(top_k=-1)
     assert base.replace() == base and base.replace() is not base
 
@@ -147,12 +186,14 @@ def test_replace_names_unknown_fields_in_a_type_error():
 
 
 def test_to_dict_is_a_deep_copy_that_rebuilds_the_config():
-    config = GenerationConfig(stop_sequences=["END"], tensor_split=[0.5, 0.5], seed=3)
+    config = GenerationConfig(stop_sequences=["END"], tensor_split=[0.5, 0.5], seed=3, dry_sequence_breakers=["\n"])
     data = config.to_dict()
     assert GenerationConfig(**data) == config
     data["stop_sequences"].append("MORE")
     data["tensor_split"][0] = 9.0
+    data["dry_sequence_breakers"].append(":")
     assert config.stop_sequences == ["END"] and config.tensor_split == [0.5, 0.5]
+    assert config.dry_sequence_breakers == ["\n"]
 
 
 def test_unknown_keyword_at_construction_is_a_type_error():

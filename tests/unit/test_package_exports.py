@@ -12,8 +12,8 @@ import cyllama_cffi
 
 PACKAGE_DIR = Path(cyllama_cffi.__file__).resolve().parent
 # Exports whose modules are pure Python: resolving them must not need the compiled module.
-PURE_MODULES = {"config", "response", "errors", "models", "stream", "_logging", "_response_cache", "memory", "aio",
-                "grammar", "_json_schema"}
+PURE_MODULES = {"config", "defaults", "response", "errors", "models", "stream", "_logging", "_response_cache", "memory",
+                "aio", "grammar", "_json_schema"}
 PURE_EXPORTS = sorted(name for name, module in cyllama_cffi._EXPORTS.items() if module in PURE_MODULES)
 
 

@@ -54,16 +54,30 @@ def test_response_against_other_types():
 
 def test_response_repr_shows_text_and_plain_reason():
     assert repr(Response("a'b", finish_reason=FinishReason.CANCELLED)) == \
-        "Response(\"a'b\", finish_reason='cancelled')"
-    assert repr(Response("")) == "Response('', finish_reason='stop')"
+        "Response(text=\"a'b\", finish_reason='cancelled')"
+    assert repr(Response("")) == "Response(text='', finish_reason='stop')"
 
 
-def test_response_defaults():
-    first, second = Response("x"), Response("y")
-    assert first.finish_reason == "stop" and first.model == ""
-    assert first.stats == GenerationStats() and first.stats is not second.stats
+def test_response_repr_cuts_long_text_at_50_characters():
+    assert repr(Response("x" * 50)) == f"Response(text='{'x' * 50}', finish_reason='stop')"
+    assert repr(Response("é" * 51 + "tail")) == f"Response(text='{'é' * 50}...', finish_reason='stop')"
+
+
+def test_response_defaults_and_positional_order():
+    first = Response("x")
+    assert first.stats is None and first.finish_reason == "stop" and first.model == ""
+    stats = GenerationStats(1, 2, 0.5, 4.0)
+    second = Response("y", stats, "length", "models/m.gguf")
+    assert (second.stats, second.finish_reason, second.model) == (stats, "length", "models/m.gguf")
     with pytest.raises(AttributeError):
         first.extra = 1  # __slots__: a typo in an attribute name fails loudly
+
+
+def test_generation_stats_positional_order_is_cyllamas():
+    stats = GenerationStats(5, 3, 0.5, 6.0, 0.2, 0.3)
+    assert (stats.prompt_tokens, stats.generated_tokens, stats.total_time, stats.tokens_per_second,
+            stats.prompt_time, stats.generation_time) == (5, 3, 0.5, 6.0, 0.2, 0.3)
+    assert GenerationStats(5, 3, 0.5, 6.0).prompt_time == 0.0 == GenerationStats(5, 3, 0.5, 6.0).generation_time
 
 
 def test_to_dict_and_to_json_serialise_the_finish_reason_as_a_plain_string():
@@ -72,19 +86,27 @@ def test_to_dict_and_to_json_serialise_the_finish_reason_as_a_plain_string():
     response = Response("Paris.", stats=stats, finish_reason=FinishReason.LENGTH, model="m.gguf")
     data = response.to_dict()
     assert data == {"text": "Paris.", "finish_reason": "length", "model": "m.gguf",
-                    "stats": {"prompt_tokens": 5, "generated_tokens": 3, "total_time": 0.5, "prompt_time": 0.2,
-                              "generation_time": 0.3, "tokens_per_second": 10.0}}
+                    "stats": {"prompt_tokens": 5, "generated_tokens": 3, "total_time": 0.5, "tokens_per_second": 10.0,
+                              "prompt_time": 0.2, "generation_time": 0.3}}
+    assert list(data["stats"]) == ["prompt_tokens", "generated_tokens", "total_time", "tokens_per_second",
+                                   "prompt_time", "generation_time"]
     assert type(data["finish_reason"]) is str
     text = response.to_json()
     assert '"finish_reason": "length"' in text and "FinishReason" not in text
     assert json.loads(text) == data
     assert response.to_json(sort_keys=True, indent=2).splitlines()[1] == '  "finish_reason": "length",'
-    assert json.loads(Response("x").to_json())["finish_reason"] == "stop"
+    assert response.to_json(2) == json.dumps(data, indent=2)  # indent is the first parameter, as in cyllama
+    assert json.loads(Response("x").to_json()) == {"text": "x", "finish_reason": "stop", "model": ""}  # no stats
+
+
+def test_to_dict_leaves_stats_out_only_when_there_are_none():
+    assert "stats" not in Response("x").to_dict()
+    assert Response("x", GenerationStats()).to_dict()["stats"]["generated_tokens"] == 0
 
 
 def test_generation_stats_defaults_and_dict():
     assert GenerationStats().to_dict() == {"prompt_tokens": 0, "generated_tokens": 0, "total_time": 0.0,
-                                           "prompt_time": 0.0, "generation_time": 0.0, "tokens_per_second": 0.0}
+                                           "tokens_per_second": 0.0, "prompt_time": 0.0, "generation_time": 0.0}
     stats = GenerationStats(generated_tokens=2)
     copy = stats.to_dict()
     copy["generated_tokens"] = 99
