@@ -132,7 +132,7 @@ class LLM:
         """
         key = None
         cache = self._response_cache
-        if cache is not None and not stream and on_token is None and not self._closed:
+        if cache is not None and not stream and on_token is None and not self._released:
             effective = config or self.config
             if isinstance(effective, GenerationConfig) and all(  # else stream() raises, as without a cache
                     getattr(effective, name) == getattr(self.config, name) for name in _MODEL_FIELDS):
