@@ -399,7 +399,7 @@ def _loaded(loading: "concurrent.futures.Future[Any]") -> Any:
 def _close_loaded(loading: "concurrent.futures.Future[Any]") -> None:
     llm = _loaded(loading)
     if llm is not None:
-        llm.close()
+        llm._release()  # the model too: the AsyncLLM is done with it
 
 
 def _shut_down(worker: _Worker, loading: "concurrent.futures.Future[Any]") -> None:

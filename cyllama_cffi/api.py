@@ -82,13 +82,13 @@ def simple(model_path: PathLike, prompt: str, ngl: int = -1, n_predict: int = 32
 
 
 def _one_shot(llm: LLM, call: Callable[[], Union[Response, Stream]]) -> Union[Response, Stream]:
-    """``call()``'s result; the LLM is closed after it, or when the stream it returned ends."""
+    """``call()``'s result; the LLM (model included) is freed after it, or when the stream it returned ends."""
     try:
         result = call()
     except BaseException:
-        llm.close()
+        llm._release()
         raise
     if isinstance(result, Stream):
         return llm._close_when_done(result)
-    llm.close()
+    llm._release()
     return result

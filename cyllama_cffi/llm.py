@@ -320,7 +320,7 @@ class LLM:
                 self._owner = None
             close = self._close_with is not None and self._close_with() is stream
         if close:
-            self.close()
+            self._release()
 
     def _close_when_done(self, stream: Stream) -> Stream:
         """Close this LLM when ``stream`` ends (exhausted, closed, cancelled); return the stream.
