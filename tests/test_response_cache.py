@@ -110,11 +110,17 @@ def test_a_failed_generation_is_not_cached(llm):
 
 
 def test_closed_llm_raises_even_for_a_cached_prompt(model_path):
-    llm = LLM(model_path, cache_size=2, seed=5, max_tokens=2)
-    llm(PROMPT)
-    llm.close()
+    with LLM(model_path, cache_size=2, seed=5, max_tokens=2) as llm:  # the block's end frees the model
+        llm(PROMPT)
     with pytest.raises(ClosedError):
         llm(PROMPT)
+
+
+def test_close_keeps_the_cache_and_the_llm_usable(model_path):
+    llm = LLM(model_path, cache_size=2, seed=5, max_tokens=2)
+    first = llm(PROMPT)
+    llm.close()  # frees the context only, as in cyllama
+    assert llm(PROMPT) == first and llm.cache_info().hits == 1
 
 
 def test_cache_clear_and_disabled_cache(model_path, llm):
