@@ -28,12 +28,23 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 N_CTX, N_BATCH, N_SEQ_MAX, N_PROMPT, N_GEN = 2048, 512, 8, 32, 64
-UNIT = "The quick brown fox jumps over the lazy dog. "
 
 
 def prompts(count: int) -> List[str]:
-    """``count`` different prompts of about N_PROMPT tokens whose greedy continuation runs on."""
-    return [f"Line {index}: " + UNIT * 3 for index in range(count)]
+    """``count`` different prompts of about N_PROMPT tokens whose greedy continuation runs on.
+
+    Like the native tool's random tokens: text made of random word pieces of the vocabulary,
+    seeded, so the model rambles instead of ending its turn early."""
+    import random
+
+    from cyllama_cffi.lowlevel.model import LlamaModel
+    from cyllama_cffi.models import default_model_path
+
+    draw = random.Random(42)
+    with LlamaModel(default_model_path(), vocab_only=True) as model:
+        vocab = model.vocab
+        pieces = [t for t in range(1000, vocab.n_tokens) if not vocab.is_eog(t)]
+        return [vocab.detokenize([draw.choice(pieces) for _ in range(N_PROMPT - 1)]) for _ in range(count)]
 
 
 def native_sample(binary: Path, model: Path, threads: int, npl: Sequence[int]) -> Dict[int, float]:
