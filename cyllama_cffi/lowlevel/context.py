@@ -79,6 +79,7 @@ class LlamaContext(CHandle):
         n_seq_max: int = 1,
         kv_unified: bool = False,
         embeddings: bool = False,
+        pooling_type: Optional[int] = None,
     ) -> None:
         if model.vocab_only:
             raise ValueError("cannot create a context for a vocab_only model (it has no weights)")
@@ -98,6 +99,8 @@ class LlamaContext(CHandle):
         params.n_threads = threads
         params.n_threads_batch = threads_batch
         params.embeddings = embeddings
+        if pooling_type is not None:  # a LLAMA_POOLING_TYPE_* value; None: the model's own
+            params.pooling_type = pooling_type
         params.no_perf = True
         raw_state = lib.cyl_cancel_new()
         if raw_state == ffi.NULL:
@@ -331,6 +334,23 @@ class LlamaContext(CHandle):
         import numpy as np  # only here: importing numpy would double the package's import time
 
         return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
+
+    def get_embeddings_seq(self, seq_id: int, n_embd: int) -> "np.ndarray":
+        """A copy of the pooled embedding of ``seq_id`` after the last decode (a pooling context)."""
+        return self._locked(self._embedding_copy, lib.llama_get_embeddings_seq, seq_id, n_embd)
+
+    def get_embeddings_ith(self, index: int, n_embd: int) -> "np.ndarray":
+        """A copy of the embedding of batch row ``index`` after the last decode (no pooling)."""
+        return self._locked(self._embedding_copy, lib.llama_get_embeddings_ith, index, n_embd)
+
+    def _embedding_copy(self, getter: Callable[..., Any], key: int, n_embd: int) -> "np.ndarray":
+        pointer = getter(self._ptr, key)
+        if pointer == ffi.NULL:
+            raise RuntimeError(f"llama.cpp has no embedding for {key}: decode with embeddings on first")
+        import numpy as np
+
+        # A copy: the buffer is reused by the next decode.
+        return np.frombuffer(ffi.buffer(pointer, n_embd * 4), dtype=np.float32).copy()
 
     # -- memory (KV cache) ----------------------------------------------------
     def memory_clear(self, data: bool = True) -> None:

@@ -1,0 +1,196 @@
+"""``Embedder``: text to vectors over an embedding-only context.
+
+Many texts go through as parallel sequences: as many whole texts as fit ``n_batch`` tokens
+and ``n_seq_max`` sequences share one ``llama_decode`` (see :func:`._embed_plan.pack`), each
+sequence's pooled vector is read back (or, with pooling "none", each token's row), and the
+KV cache is cleared for the next group. Sequences never attend to each other, so a text's
+vector does not depend on which texts share its decode.
+
+The context is made with ``n_ubatch == n_batch == n_ctx``: llama.cpp pools each micro-batch
+on its own, so a sequence split across two would get the pooled vector of its second part.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
+
+from ._embed_plan import check_pooling, check_texts, fit_lengths, pack
+from ._ffi import lib
+from .errors import ClosedError
+from .lowlevel.batch import LlamaBatch
+from .lowlevel.context import LlamaContext
+from .lowlevel.model import LlamaModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Embedder"]
+
+Texts = Union[str, Sequence[str]]
+
+_POOLING_TYPES = {
+    "none": "LLAMA_POOLING_TYPE_NONE",
+    "mean": "LLAMA_POOLING_TYPE_MEAN",
+    "cls": "LLAMA_POOLING_TYPE_CLS",
+    "last": "LLAMA_POOLING_TYPE_LAST",
+}
+
+
+class Embedder:
+    """Embeddings of texts from a GGUF model.
+
+    ``Embedder(model_path, n_ctx=512, n_seq_max=8, pooling="mean", normalize=True,
+    n_threads=None)``. ``model_path`` may also be a loaded :class:`LlamaModel`, which is then
+    borrowed (``close()`` leaves it loaded). ``n_ctx`` bounds one text's tokens and one decode's
+    tokens together; ``n_seq_max`` how many texts share a decode.
+
+    Use it as a context manager, or call ``close()``: the context (and a model it loaded) is
+    freed at once rather than by the garbage collector.
+    """
+
+    def __init__(self, model_path: Union[str, "os.PathLike[str]", LlamaModel], n_ctx: int = 512,
+                 n_seq_max: int = 8, pooling: str = "mean", normalize: bool = True,
+                 n_threads: Optional[int] = None) -> None:
+        self.pooling = check_pooling(pooling)
+        self.normalize = bool(normalize)
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        max_seq = lib.llama_max_parallel_sequences()
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= max_seq:
+            raise ValueError(f"n_seq_max must be an int in 1..{max_seq}, got {n_seq_max!r}")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                      or n_threads <= 0):
+            raise ValueError(f"n_threads must be a positive int or None, got {n_threads!r}")
+        if isinstance(model_path, LlamaModel):
+            self.model, self._owns_model = model_path, False
+        else:
+            self.model, self._owns_model = LlamaModel(model_path), True
+        try:
+            check_embedding_model(self.model)
+        except BaseException:
+            self._close_model()
+            raise
+        self.n_ctx = n_ctx
+        self.n_seq_max = n_seq_max
+        self.n_threads = n_threads
+        self.n_embd = lib.llama_model_n_embd_out(self.model.ptr)
+        self._ctx: Optional[LlamaContext] = None
+        self._ctx_pooling: Optional[str] = None
+        self._batch: Optional[LlamaBatch] = None
+        self._closed = False
+
+    # -- embedding --------------------------------------------------------------------
+    def embed(self, texts: Texts, pooling: Optional[str] = None, normalize: Optional[bool] = None,
+              truncate: bool = False) -> Any:
+        """Vectors of ``texts`` (one str is one text).
+
+        Pooling "mean", "cls" or "last": a float32 array of shape ``(len(texts), n_embd)``
+        (``(1, n_embd)`` for one str). Pooling "none": a list with one ``(n_tokens, n_embd)``
+        float32 array per text. ``normalize`` makes each vector (each row, for "none") of
+        L2 norm 1. A text longer than ``n_ctx`` tokens is a ``ValueError`` naming it, or its
+        first ``n_ctx`` tokens with ``truncate=True``. ``pooling``/``normalize`` default to
+        the Embedder's.
+        """
+        import numpy as np
+
+        pooling = check_pooling(self.pooling if pooling is None else pooling)
+        normalize = self.normalize if normalize is None else bool(normalize)
+        items = check_texts(texts)
+        if self._closed:
+            raise ClosedError("this Embedder is closed")
+        if not items:
+            return [] if pooling == "none" else np.zeros((0, self.n_embd), dtype=np.float32)
+        vocab = self.model.vocab
+        tokens = fit_lengths([vocab.tokenize(text, add_special=True) for text in items], self.n_ctx, truncate)
+        ctx, batch = self._context_for(pooling)
+        rows: List[Any] = [None] * len(items)
+        for group in pack([len(ids) for ids in tokens], ctx.n_batch, self.n_seq_max):
+            self._embed_group(ctx, batch, pooling, group, tokens, rows)
+        if pooling == "none":
+            return [_normalized(matrix) if normalize else matrix for matrix in rows]
+        result = np.stack(rows)
+        return _normalized(result) if normalize else result
+
+    def _embed_group(self, ctx: LlamaContext, batch: LlamaBatch, pooling: str, group: List[int],
+                     tokens: List[List[int]], rows: List[Any]) -> None:
+        """One decode of the texts in ``group``, sequence ``k`` for its ``k``-th text; fills ``rows``."""
+        import numpy as np
+
+        batch.clear()
+        for seq_id, index in enumerate(group):
+            for pos, token in enumerate(tokens[index]):
+                batch.add(token, pos, (seq_id,), logits=True)  # a pooling context outputs every token
+        ctx.memory_clear()
+        ctx.decode(batch)
+        start = 0
+        for seq_id, index in enumerate(group):
+            count = len(tokens[index])
+            if pooling == "none":
+                rows[index] = np.stack([ctx.get_embeddings_ith(row, self.n_embd)
+                                        for row in range(start, start + count)])
+            else:
+                rows[index] = ctx.get_embeddings_seq(seq_id, self.n_embd)
+            start += count
+
+    def _context_for(self, pooling: str) -> Any:
+        """The context (and batch) pooling as ``pooling`` asks: the current one or a new one."""
+        if self._ctx is not None and self._ctx_pooling != pooling:
+            self._close_context()
+        if self._ctx is None:
+            ctx = LlamaContext(self.model, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                               n_threads=self.n_threads, n_seq_max=self.n_seq_max,
+                               kv_unified=True,  # one long text may use every cell
+                               embeddings=True, pooling_type=getattr(lib, _POOLING_TYPES[pooling]))
+            self._ctx, self._ctx_pooling = ctx, pooling
+            self._batch = LlamaBatch(ctx.n_batch)
+        return self._ctx, self._batch
+
+    # -- lifetime ---------------------------------------------------------------------
+    def _close_context(self) -> None:
+        ctx, batch, self._ctx, self._batch = self._ctx, self._batch, None, None
+        if ctx is not None:
+            ctx.close()
+        if batch is not None:
+            batch.close()
+
+    def _close_model(self) -> None:
+        if self._owns_model:
+            self.model.close()
+
+    def close(self) -> None:
+        """Free the context, and the model if this Embedder loaded it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._close_context()
+        finally:
+            self._close_model()
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Embedder pooling={self.pooling!r} n_ctx={self.n_ctx}{' closed' if self._closed else ''}>"
+
+
+def check_embedding_model(model: LlamaModel) -> None:
+    """``ValueError`` for a model that cannot make embeddings, before llama.cpp sees it."""
+    if model.vocab_only:
+        raise ValueError("this model was loaded with vocab_only=True: it has no weights, so no embeddings")
+    if lib.llama_model_n_embd_out(model.ptr) <= 0:
+        raise ValueError("this model reports no embedding size, so it cannot make embeddings")
+    if lib.llama_model_has_encoder(model.ptr) and lib.llama_model_has_decoder(model.ptr):
+        raise ValueError("encoder-decoder models (such as T5) are not supported for embeddings")
+
+
+def _normalized(matrix: "np.ndarray") -> "np.ndarray":
+    """Each row of ``matrix`` divided by its L2 norm (a zero row stays zero)."""
+    import numpy as np
+
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return (matrix / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
