@@ -28,6 +28,7 @@ _EXPORTS: Dict[str, str] = {
     "AsyncLLM": "aio", "complete_async": "aio", "chat_async": "aio",
     "Stream": "stream", "StreamState": "stream",
     "GenerationConfig": "config",
+    "Embedder": "embeddings",
     "Grammar": "grammar", "json_schema_to_gbnf": "_json_schema",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
     "install_sigint_handler": "sigint", "SigintHandle": "sigint",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .api import chat, complete, simple
     from .aio import AsyncLLM, chat_async, complete_async
     from .config import GenerationConfig
+    from .embeddings import Embedder
     from ._json_schema import json_schema_to_gbnf
     from .defaults import (DEFAULT_MAIN_GPU, DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_N_BATCH, DEFAULT_N_GPU_LAYERS,
                            DEFAULT_PENALTY_FREQ, DEFAULT_PENALTY_LAST_N, DEFAULT_PENALTY_PRESENT, DEFAULT_REPEAT_PENALTY,

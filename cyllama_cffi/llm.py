@@ -13,7 +13,7 @@ import functools
 import os
 import threading
 import weakref
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Union
 
 from . import _generation
 from ._cancel import Cancellation
@@ -31,6 +31,9 @@ from .sampling import build_sampler
 from .sigint import SigintHandle
 from .sigint import install_sigint_handler as _install_sigint_handler
 from .stream import Stream, TokenCallback
+
+if TYPE_CHECKING:
+    from .embeddings import Embedder
 
 __all__ = ["LLM", "Prompt"]
 
@@ -84,6 +87,7 @@ class LLM:
         self._starting: Optional[threading.Thread] = None  # the thread setting a generation up
         self._sigint_watchers = 0
         self._released = False  # the model is freed: every call raises ClosedError
+        self._embedder: Optional["Embedder"] = None  # made by the first embed(); owns its own context
         self.last_stats: Optional[GenerationStats] = None
         self.last_finish_reason: Optional[FinishReason] = None
         self.last_finished_at: Optional[float] = None  # time.perf_counter() when the last generation ended
@@ -286,6 +290,26 @@ class LLM:
         self.vocab.check_tokens(tokens)
         return tokens
 
+    # -- embeddings ---------------------------------------------------------------------------
+    def embed(self, texts: Union[str, Sequence[str]], pooling: str = "mean", normalize: bool = True,
+              truncate: bool = False) -> Any:
+        """Embedding vectors of ``texts``; see :meth:`cyllama_cffi.Embedder.embed`.
+
+        The first call makes an :class:`~cyllama_cffi.Embedder` over this LLM's model, with a
+        context of its own (``config.n_ctx`` cells, or 512); ``close()`` frees it with the
+        generation context. Embedding while a stream of this LLM runs is fine: the two
+        contexts share only the (read-only) model.
+        """
+        if self._released:
+            raise ClosedError("this LLM is closed")
+        embedder = self._embedder
+        if embedder is None:
+            from .embeddings import Embedder
+
+            embedder = self._embedder = Embedder(self.model, n_ctx=self.config.n_ctx or 512,
+                                                 n_threads=self.config.n_threads)
+        return embedder.embed(texts, pooling=pooling, normalize=normalize, truncate=truncate)
+
     # -- ownership of the context ------------------------------------------------------------
     def _claim(self) -> None:
         """Become the one generation that uses the context, or raise ``LLMBusyError``."""
@@ -402,8 +426,11 @@ class LLM:
                 stream._supersede()
             if self._seq is not None:
                 self._seq.settle()
-        finally:  # whatever the wait raised, the context is freed
+        finally:  # whatever the wait raised, the contexts are freed
             self._close_context()
+            embedder, self._embedder = self._embedder, None
+            if embedder is not None:
+                embedder.close()  # its context only: the model is this LLM's
 
     def _release(self) -> None:
         """``close()``, then free the model too: the LLM is done, and later calls raise ``ClosedError``."""
