@@ -1,13 +1,21 @@
 """``Embedder``: text to vectors over an embedding-only context.
 
 Many texts go through as parallel sequences: as many whole texts as fit ``n_batch`` tokens
-and ``n_seq_max`` sequences share one ``llama_decode`` (see :func:`._embed_plan.pack`), each
-sequence's pooled vector is read back (or, with pooling "none", each token's row), and the
-KV cache is cleared for the next group. Sequences never attend to each other, so a text's
-vector does not depend on which texts share its decode.
+and ``n_seq_max`` sequences share one ``llama_decode`` (see :func:`._embed_plan.pack`), every
+token's embedding is read back, each text's rows are pooled here ("mean", "cls" = first row,
+"last" = last row, or "none"), and the KV cache is cleared for the next group.
 
-The context is made with ``n_ubatch == n_batch == n_ctx``: llama.cpp pools each micro-batch
-on its own, so a sequence split across two would get the pooled vector of its second part.
+Why each sequence gets a KV stream of its own (``kv_unified=False``, ``n_ctx`` cells each) and
+why the pooling is done here rather than by llama.cpp (``llama_get_embeddings_seq``): in the
+unified KV cache, a sequence's token rows past about the tenth position change (by ~5e-3 once
+normalised) when another sequence of similar length shares the decode, so a text's vector
+would depend on its neighbours. Separate streams keep each text's rows the same, to float32
+rounding, alone or in any company; but llama.cpp then splits a decode into micro-batches of
+equal pieces of each sequence, and its pooling, done per micro-batch, would pool pieces. Rows
+pooled here do not care how the decode was split.
+
+Flash attention is off: on the CPU it computes in half precision along a path chosen by the
+batch's size, which would also make a vector move with the texts packed beside it.
 """
 
 from __future__ import annotations
@@ -29,21 +37,14 @@ __all__ = ["Embedder"]
 
 Texts = Union[str, Sequence[str]]
 
-_POOLING_TYPES = {
-    "none": "LLAMA_POOLING_TYPE_NONE",
-    "mean": "LLAMA_POOLING_TYPE_MEAN",
-    "cls": "LLAMA_POOLING_TYPE_CLS",
-    "last": "LLAMA_POOLING_TYPE_LAST",
-}
-
-
 class Embedder:
     """Embeddings of texts from a GGUF model.
 
     ``Embedder(model_path, n_ctx=512, n_seq_max=8, pooling="mean", normalize=True,
     n_threads=None)``. ``model_path`` may also be a loaded :class:`LlamaModel`, which is then
     borrowed (``close()`` leaves it loaded). ``n_ctx`` bounds one text's tokens and one decode's
-    tokens together; ``n_seq_max`` how many texts share a decode.
+    tokens together; ``n_seq_max`` how many texts share a decode. The KV cache has ``n_ctx``
+    cells for each of the ``n_seq_max`` sequences.
 
     Use it as a context manager, or call ``close()``: the context (and a model it loaded) is
     freed at once rather than by the garbage collector.
@@ -76,7 +77,6 @@ class Embedder:
         self.n_threads = n_threads
         self.n_embd = lib.llama_model_n_embd_out(self.model.ptr)
         self._ctx: Optional[LlamaContext] = None
-        self._ctx_pooling: Optional[str] = None
         self._batch: Optional[LlamaBatch] = None
         self._closed = False
 
@@ -103,47 +103,40 @@ class Embedder:
             return [] if pooling == "none" else np.zeros((0, self.n_embd), dtype=np.float32)
         vocab = self.model.vocab
         tokens = fit_lengths([vocab.tokenize(text, add_special=True) for text in items], self.n_ctx, truncate)
-        ctx, batch = self._context_for(pooling)
+        ctx, batch = self._context()
         rows: List[Any] = [None] * len(items)
         for group in pack([len(ids) for ids in tokens], ctx.n_batch, self.n_seq_max):
-            self._embed_group(ctx, batch, pooling, group, tokens, rows)
+            self._embed_group(ctx, batch, group, tokens, rows)
         if pooling == "none":
             return [_normalized(matrix) if normalize else matrix for matrix in rows]
-        result = np.stack(rows)
+        result = np.stack([_pool(matrix, pooling) for matrix in rows])
         return _normalized(result) if normalize else result
 
-    def _embed_group(self, ctx: LlamaContext, batch: LlamaBatch, pooling: str, group: List[int],
+    def _embed_group(self, ctx: LlamaContext, batch: LlamaBatch, group: List[int],
                      tokens: List[List[int]], rows: List[Any]) -> None:
         """One decode of the texts in ``group``, sequence ``k`` for its ``k``-th text; fills ``rows``."""
-        import numpy as np
-
         batch.clear()
         for seq_id, index in enumerate(group):
             for pos, token in enumerate(tokens[index]):
-                batch.add(token, pos, (seq_id,), logits=True)  # a pooling context outputs every token
+                batch.add(token, pos, (seq_id,), logits=True)  # an embeddings context outputs every token
         ctx.memory_clear()
         ctx.decode(batch)
+        matrix = ctx.get_embeddings(batch.n_tokens, self.n_embd)
         start = 0
-        for seq_id, index in enumerate(group):
+        for index in group:
             count = len(tokens[index])
-            if pooling == "none":
-                rows[index] = np.stack([ctx.get_embeddings_ith(row, self.n_embd)
-                                        for row in range(start, start + count)])
-            else:
-                rows[index] = ctx.get_embeddings_seq(seq_id, self.n_embd)
+            rows[index] = matrix[start:start + count]
             start += count
 
-    def _context_for(self, pooling: str) -> Any:
-        """The context (and batch) pooling as ``pooling`` asks: the current one or a new one."""
-        if self._ctx is not None and self._ctx_pooling != pooling:
-            self._close_context()
+    def _context(self) -> Any:
+        """The embeddings context and its batch, made on first use."""
         if self._ctx is None:
-            ctx = LlamaContext(self.model, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
-                               n_threads=self.n_threads, n_seq_max=self.n_seq_max,
-                               kv_unified=True,  # one long text may use every cell
-                               embeddings=True, pooling_type=getattr(lib, _POOLING_TYPES[pooling]))
-            self._ctx, self._ctx_pooling = ctx, pooling
-            self._batch = LlamaBatch(ctx.n_batch)
+            ctx = LlamaContext(self.model, n_ctx=self.n_ctx * self.n_seq_max, n_batch=self.n_ctx,
+                               n_ubatch=self.n_ctx, n_threads=self.n_threads, n_seq_max=self.n_seq_max,
+                               kv_unified=False, embeddings=True, pooling_type=lib.LLAMA_POOLING_TYPE_NONE,
+                               flash_attn=False)  # see the module docstring
+            self._ctx = ctx
+            self._batch = LlamaBatch(ctx.n_batch, 1)
         return self._ctx, self._batch
 
     # -- lifetime ---------------------------------------------------------------------
@@ -186,6 +179,13 @@ def check_embedding_model(model: LlamaModel) -> None:
         raise ValueError("this model reports no embedding size, so it cannot make embeddings")
     if lib.llama_model_has_encoder(model.ptr) and lib.llama_model_has_decoder(model.ptr):
         raise ValueError("encoder-decoder models (such as T5) are not supported for embeddings")
+
+
+def _pool(matrix: "np.ndarray", pooling: str) -> "np.ndarray":
+    """One vector from a text's token rows."""
+    if pooling == "mean":
+        return matrix.mean(axis=0)
+    return matrix[0] if pooling == "cls" else matrix[-1]
 
 
 def _normalized(matrix: "np.ndarray") -> "np.ndarray":

@@ -80,6 +80,7 @@ class LlamaContext(CHandle):
         kv_unified: bool = False,
         embeddings: bool = False,
         pooling_type: Optional[int] = None,
+        flash_attn: Optional[bool] = None,
     ) -> None:
         if model.vocab_only:
             raise ValueError("cannot create a context for a vocab_only model (it has no weights)")
@@ -101,6 +102,9 @@ class LlamaContext(CHandle):
         params.embeddings = embeddings
         if pooling_type is not None:  # a LLAMA_POOLING_TYPE_* value; None: the model's own
             params.pooling_type = pooling_type
+        if flash_attn is not None:  # None: llama.cpp decides (on, for the CPU)
+            params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         raw_state = lib.cyl_cancel_new()
         if raw_state == ffi.NULL:
@@ -334,6 +338,16 @@ class LlamaContext(CHandle):
         import numpy as np  # only here: importing numpy would double the package's import time
 
         return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
+
+    def get_embeddings(self, n_rows: int, n_embd: int) -> "np.ndarray":
+        """A copy of the ``(n_rows, n_embd)`` per-token embeddings of the last decode, in batch order.
+
+        For a context with embeddings on and no pooling, where every token is an output.
+        """
+        if not 0 < n_rows <= self.n_batch:
+            raise ValueError(f"n_rows must be in 1..{self.n_batch}, got {n_rows}")
+        return self._locked(self._embedding_copy, lambda pointer, _: lib.llama_get_embeddings(pointer),
+                            0, n_rows * n_embd).reshape(n_rows, n_embd)
 
     def get_embeddings_seq(self, seq_id: int, n_embd: int) -> "np.ndarray":
         """A copy of the pooled embedding of ``seq_id`` after the last decode (a pooling context)."""
