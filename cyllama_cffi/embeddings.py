@@ -37,6 +37,7 @@ __all__ = ["Embedder"]
 
 Texts = Union[str, Sequence[str]]
 
+
 class Embedder:
     """Embeddings of texts from a GGUF model.
 
