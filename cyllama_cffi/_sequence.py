@@ -47,6 +47,24 @@ class KVSequence:
         self.ctx.memory_seq_rm(self.seq_id, -1, -1)
         self.tokens = []
 
+    def keep_prefix(self, prompt: Sequence[int]) -> int:
+        """Keep the longest prefix of the cache that ``prompt`` starts with; cut the rest. Returns its length.
+
+        At least the prompt's last token is left to decode (its logits pick the first token).
+        The cut is not aligned to micro-batches: on the CPU build, greedy output after a reused
+        prefix was measured identical to a fresh context's (``docs/state.md``).
+        """
+        self.settle()
+        record = self.tokens
+        limit = min(len(record), len(prompt) - 1)
+        keep = 0
+        while keep < limit and record[keep] == prompt[keep]:
+            keep += 1
+        if keep < len(record):
+            self.ctx.memory_seq_rm(self.seq_id, keep, -1)
+            del record[keep:]
+        return keep
+
     def sync(self) -> None:
         """Cut the cache back to the record, unless a prompt chunk may still be decoding."""
         if self._helper is None:
