@@ -292,7 +292,8 @@ class LLM:
         """The KV cache of this LLM's sequence and its token record, as bytes; written to ``path`` if given.
 
         A later :meth:`load_state` (in this LLM or a new one of the same model) puts them back,
-        and a call whose prompt starts with the saved tokens decodes only the rest. Raises
+        and a call whose prompt starts with the saved tokens continues from there (it decodes
+        only what the cache does not hold, see ``docs/state.md``). Raises
         :class:`LLMBusyError` while a stream of this LLM is not finished: finish or close it first.
         Before any generation the state is empty (no tokens).
         """
@@ -300,11 +301,13 @@ class LLM:
         try:
             seq = self._seq
             tokens = list(seq.tokens) if seq is not None else []
-            body = seq.ctx.seq_state_get(seq.seq_id) if seq is not None else b""
+            body = seq.ctx.seq_state_get(seq.seq_id) if tokens else b""
             n_ctx = seq.ctx.n_ctx if seq is not None else 0
+            n_prefilled = seq.n_prefilled if seq is not None else 0
         finally:
             self._starting = None
-        data = _state_format.encode({"model": self._identity(), "n_ctx": n_ctx}, tokens, body)
+        header = {"model": self._identity(), "n_ctx": n_ctx, "n_prefilled": n_prefilled}
+        data = _state_format.encode(header, tokens, body)
         if path is not None:
             with open(path, "wb") as file:
                 file.write(data)
@@ -337,6 +340,9 @@ class LLM:
             raise StateError(f"the saved state's token record is invalid: {error}") from None
         if bool(tokens) != bool(saved.body):
             raise StateError("the saved state's token record and cache data disagree")
+        n_prefilled = saved.header.get("n_prefilled")
+        if isinstance(n_prefilled, bool) or not isinstance(n_prefilled, int) or not 0 <= n_prefilled <= len(tokens):
+            raise StateError(f"the saved state's prefilled count ({n_prefilled!r}) is out of range")
         config = self.config
         if config.n_ctx is not None:
             n_ctx = config.n_ctx
@@ -352,16 +358,18 @@ class LLM:
                     self._seq.clear()
                 return
             seq = self._sequence_for(n_ctx, config)
-            before = (list(seq.tokens), seq.ctx.seq_state_get(seq.seq_id) if seq.tokens else b"")
+            before = (list(seq.tokens), seq.n_prefilled, seq.ctx.seq_state_get(seq.seq_id) if seq.tokens else b"")
             if seq.ctx.seq_state_set(saved.body, seq.seq_id) and \
+                    seq.ctx.memory_seq_pos_min(seq.seq_id) == 0 and \
                     seq.ctx.memory_seq_pos_max(seq.seq_id) == len(tokens) - 1:
                 seq.tokens[:] = tokens
+                seq.n_prefilled = n_prefilled
                 return
             # Refused (llama.cpp emptied the sequence first): put back what it held.
             seq.ctx.memory_seq_rm(seq.seq_id, -1, -1)
-            seq.tokens[:] = []
-            if before[0] and seq.ctx.seq_state_set(before[1], seq.seq_id):
-                seq.tokens[:] = before[0]
+            seq.tokens[:], seq.n_prefilled = [], 0
+            if before[0] and seq.ctx.seq_state_set(before[2], seq.seq_id):
+                seq.tokens[:], seq.n_prefilled = before[0], before[1]
             raise StateError("llama.cpp refused the saved state's cache data (see the cyllama_cffi.llama log)")
         finally:
             self._starting = None
