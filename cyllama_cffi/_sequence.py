@@ -61,10 +61,11 @@ class KVSequence:
     def keep_prefix(self, prompt: Sequence[int]) -> int:
         """Keep the longest prefix of the cache that ``prompt`` starts with; cut the rest. Returns its length.
 
-        At least the prompt's last token is left to decode (its logits pick the first token),
-        and only tokens decoded as prompt chunks are kept (see ``n_prefilled``). The cut is not
-        aligned to micro-batches: greedy output after such a prefix was measured identical to a
-        fresh context's (``docs/state.md``).
+        At least the prompt's last token is left to decode (its logits pick the first token).
+        Only what a fresh context would compute the same way is kept, so that greedy output is
+        the same token for token: tokens decoded as prompt chunks (``n_prefilled``), cut to a
+        multiple of the micro-batch size, so that the rest is decoded in the same micro-batches
+        as from an empty cache (llama.cpp's sums depend on the split; see ``docs/state.md``).
         """
         self.settle()
         record = self.tokens
@@ -72,6 +73,7 @@ class KVSequence:
         keep = 0
         while keep < limit and record[keep] == prompt[keep]:
             keep += 1
+        keep -= keep % max(1, min(self.ctx.n_ubatch, self.ctx.n_batch))  # prefill()'s step
         if keep < len(record):
             self.ctx.memory_seq_rm(self.seq_id, keep, -1)
             del record[keep:]
