@@ -349,8 +349,13 @@ class LLM:
             if len(tokens) >= n_ctx:
                 raise StateError(f"the saved state holds {len(tokens)} tokens but this LLM's context "
                                  f"holds {n_ctx}; raise n_ctx")
-        else:
-            n_ctx = max(saved.header["n_ctx"], -(-(len(tokens) + 1) // 256) * 256)
+        else:  # the saved context's size (the continuation fits as it did), within the trained one
+            n_train = self.model.n_ctx_train
+            if n_train > 0 and len(tokens) >= n_train:
+                raise StateError(f"the saved state holds {len(tokens)} tokens, more than the model's "
+                                 f"trained context ({n_train})")
+            n_ctx = max(min(saved.header["n_ctx"], n_train if n_train > 0 else 1 << 20),
+                        -(-(len(tokens) + 1) // 256) * 256)
         self._claim_idle("load_state")
         try:
             if not tokens:
