@@ -42,6 +42,7 @@ _EXPORTS: Dict[str, str] = {
     "LoadCancelled": "errors", "ModelFetchError": "errors", "DecodeError": "errors",
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
     "LLMBusyError": "errors", "ChatTemplateError": "errors", "GrammarDeadEnd": "errors",
+    "StateError": "errors",
     "ffi": "_ffi", "lib": "_ffi",
     # cyllama's defaults, also importable from cyllama_cffi.defaults
     "LLAMA_DEFAULT_SEED": "defaults", "DEFAULT_TEMPERATURE": "defaults", "DEFAULT_TOP_K": "defaults",
@@ -68,7 +69,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
                            DEFAULT_SPLIT_MODE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, LLAMA_DEFAULT_SEED)
     from .errors import (ChatTemplateError, ClosedError, ContextBusyError, ContextFullError, DecodeAborted,
                          DecodeError, GrammarDeadEnd, InvalidGGUFError, LlamaError, LLMBusyError, LoadCancelled,
-                         ModelFetchError, ModelLoadError)
+                         ModelFetchError, ModelLoadError, StateError)
     from .grammar import Grammar
     from .llm import LLM
     from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab

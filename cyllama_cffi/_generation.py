@@ -73,7 +73,7 @@ def prefill(seq: KVSequence, prompt: Sequence[int], cancel: Cancellation) -> boo
     waits for it before the context is used again.
     """
     ctx = seq.ctx
-    step = max(1, min(ctx.n_ubatch, ctx.n_batch))
+    step = max(1, min(ctx.n_ubatch, ctx.n_batch))  # KVSequence.keep_prefix cuts to a multiple of it
     helper = seq.start_helper()
     job = None
     try:

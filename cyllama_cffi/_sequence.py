@@ -28,6 +28,10 @@ class KVSequence:
         self.batch = batch
         self.seq_id = seq_id
         self.tokens: List[int] = []  # tokens whose K/V are in the cache, in position order
+        # How many of them, from the start, were decoded as prompt chunks. Only those are reused:
+        # a generated token's K/V come from a one-token decode, whose sums differ in the last
+        # bits from a prompt chunk's, and greedy output after them was measured to differ.
+        self.n_prefilled = 0
         self._helper: Optional[HelperThread] = None  # decodes the prompt's chunks; see settle()
 
     def decode_chunk(self, tokens: Sequence[int], logits_last: bool) -> None:
@@ -38,19 +42,49 @@ class KVSequence:
             self.ctx.decode(self.batch)
         except DecodeAborted as aborted:  # the ubatches that completed stay in the cache
             self.tokens.extend(tokens[:max(0, aborted.n_past - start)])
+            self._prefilled(start)
             raise
         self.tokens.extend(tokens)
+        self._prefilled(start)
+
+    def _prefilled(self, start: int) -> None:
+        if self.n_prefilled == start:  # contiguous with the prompt chunks before it
+            self.n_prefilled = len(self.tokens)
 
     def clear(self) -> None:
         """Empty the sequence (its cache cells and its record)."""
         self.settle()
         self.ctx.memory_seq_rm(self.seq_id, -1, -1)
         self.tokens = []
+        self.n_prefilled = 0
+
+    def keep_prefix(self, prompt: Sequence[int]) -> int:
+        """Keep the longest prefix of the cache that ``prompt`` starts with; cut the rest. Returns its length.
+
+        At least the prompt's last token is left to decode (its logits pick the first token).
+        Only what a fresh context would compute the same way is kept, so that greedy output is
+        the same token for token: tokens decoded as prompt chunks (``n_prefilled``), cut to a
+        multiple of the micro-batch size, so that the rest is decoded in the same micro-batches
+        as from an empty cache (llama.cpp's sums depend on the split; see ``docs/state.md``).
+        """
+        self.settle()
+        record = self.tokens
+        limit = min(self.n_prefilled, len(prompt) - 1)
+        keep = 0
+        while keep < limit and record[keep] == prompt[keep]:
+            keep += 1
+        keep -= keep % max(1, min(self.ctx.n_ubatch, self.ctx.n_batch))  # prefill()'s step
+        if keep < len(record):
+            self.ctx.memory_seq_rm(self.seq_id, keep, -1)
+            del record[keep:]
+        self.n_prefilled = keep
+        return keep
 
     def sync(self) -> None:
         """Cut the cache back to the record, unless a prompt chunk may still be decoding."""
         if self._helper is None:
             self.ctx.memory_seq_rm(self.seq_id, len(self.tokens), -1)
+            self.n_prefilled = min(self.n_prefilled, len(self.tokens))
 
     def start_helper(self) -> HelperThread:
         """A helper thread for the prompt's chunks, on record here before it runs anything."""

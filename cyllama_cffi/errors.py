@@ -14,7 +14,8 @@ The hierarchy::
     ├── ChatTemplateError        no chat template could render the messages (also a ValueError)
     ├── ContextBusyError         another thread is using the context
     │   └── LLMBusyError         another thread is generating on this LLM
-    └── GrammarDeadEnd           the grammar allows no token at all (also a ValueError)
+    ├── GrammarDeadEnd           the grammar allows no token at all (also a ValueError)
+    └── StateError               a saved state that cannot be loaded (also a ValueError)
 
 Mistakes in the arguments of a call (a bad config value, an empty prompt, a token id outside
 the vocabulary) raise ``ValueError`` or ``TypeError`` as Python's own functions do: they are
@@ -26,7 +27,7 @@ from __future__ import annotations
 __all__ = [
     "LlamaError", "ClosedError", "ModelLoadError", "InvalidGGUFError", "LoadCancelled", "ModelFetchError",
     "DecodeError", "ContextFullError", "DecodeAborted", "ChatTemplateError", "ContextBusyError", "LLMBusyError",
-    "GrammarDeadEnd",
+    "GrammarDeadEnd", "StateError",
 ]
 
 
@@ -108,4 +109,11 @@ class GrammarDeadEnd(LlamaError, ValueError):
 
     It needs text no token can produce (a NUL character, a ``<[id]>`` outside the vocabulary);
     llama.cpp would abort the process here, so the generation ends with this error instead.
+    """
+
+
+class StateError(LlamaError, ValueError):
+    """A saved state that cannot be loaded: not one, corrupted, truncated, or from another model.
+
+    Loading it changed nothing: the LLM's cache and token record are as they were.
     """

@@ -13,7 +13,7 @@ import functools
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _generation
 from ._cancel import Cancellation
@@ -22,7 +22,8 @@ from ._response_cache import ResponseCacheInfo, cache_key, copy_response, make_c
 from ._sequence import KVSequence
 from .chat_template import apply_chat_template, get_chat_template
 from .config import GenerationConfig
-from .errors import ClosedError, LLMBusyError
+from . import _state_format
+from .errors import ClosedError, LLMBusyError, StateError
 from .lowlevel.batch import LlamaBatch
 from .lowlevel.context import LlamaContext, usable_cores
 from .lowlevel.model import LlamaModel
@@ -30,7 +31,7 @@ from .response import FinishReason, GenerationStats, Response
 from .sampling import build_sampler
 from .sigint import SigintHandle
 from .sigint import install_sigint_handler as _install_sigint_handler
-from .stream import Stream, TokenCallback
+from .stream import Stream, StreamState, TokenCallback
 
 if TYPE_CHECKING:
     from .embeddings import Embedder
@@ -194,7 +195,7 @@ class LLM:
         self._claim()
         try:
             seq = self._sequence_for(n_ctx, config)
-            seq.clear()
+            seq.keep_prefix(tokens)  # decode only what the cache does not hold yet
             self._cancellation.begin()
             progress = _generation.Progress()
             n_ctx = min(seq.ctx.n_ctx, config.n_ctx or seq.ctx.n_ctx)  # llama.cpp may round n_ctx up
@@ -309,6 +310,115 @@ class LLM:
             embedder = self._embedder = Embedder(self.model, n_ctx=self.config.n_ctx or 512,
                                                  n_threads=self.config.n_threads)
         return embedder.embed(texts, pooling=pooling, normalize=normalize, truncate=truncate)
+
+    # -- saved state ------------------------------------------------------------------------
+    def save_state(self, path: Optional[Union[str, "os.PathLike[str]"]] = None) -> bytes:
+        """The KV cache of this LLM's sequence and its token record, as bytes; written to ``path`` if given.
+
+        A later :meth:`load_state` (in this LLM or a new one of the same model) puts them back,
+        and a call whose prompt starts with the saved tokens continues from there (it decodes
+        only what the cache does not hold, see ``docs/state.md``). Raises
+        :class:`LLMBusyError` while a stream of this LLM is not finished: finish or close it first.
+        Before any generation the state is empty (no tokens).
+        """
+        self._claim_idle("save_state")
+        try:
+            seq = self._seq
+            tokens = list(seq.tokens) if seq is not None else []
+            body = seq.ctx.seq_state_get(seq.seq_id) if tokens else b""
+            n_ctx = seq.ctx.n_ctx if seq is not None else 0
+            n_prefilled = seq.n_prefilled if seq is not None else 0
+        finally:
+            self._starting = None
+        header = {"model": self._identity(), "n_ctx": n_ctx, "n_prefilled": n_prefilled}
+        data = _state_format.encode(header, tokens, body)
+        if path is not None:
+            with open(path, "wb") as file:
+                file.write(data)
+        return data
+
+    def load_state(self, source: Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]) -> None:
+        """Put back a state from :meth:`save_state`: ``source`` is its bytes, or the path of its file.
+
+        The state replaces what this LLM's sequence holds. A state that is not one, is
+        corrupted or truncated, or comes from another model raises :class:`StateError` (a
+        ``ValueError``) and changes nothing. Raises :class:`LLMBusyError` while a stream of this
+        LLM is not finished.
+        """
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+        elif isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as file:
+                data = file.read()
+        else:
+            raise TypeError(f"load_state takes bytes or a path, got {type(source).__name__}")
+        saved = _state_format.decode(data)
+        identity = self._identity()
+        if saved.header["model"] != identity:
+            raise StateError(f"the saved state is from another model ({saved.header['model']}), "
+                             f"not this one ({identity})")
+        tokens = saved.tokens
+        try:
+            self.vocab.check_tokens(tokens)
+        except ValueError as error:
+            raise StateError(f"the saved state's token record is invalid: {error}") from None
+        if bool(tokens) != bool(saved.body):
+            raise StateError("the saved state's token record and cache data disagree")
+        n_prefilled = saved.header.get("n_prefilled")
+        if isinstance(n_prefilled, bool) or not isinstance(n_prefilled, int) or not 0 <= n_prefilled <= len(tokens):
+            raise StateError(f"the saved state's prefilled count ({n_prefilled!r}) is out of range")
+        config = self.config
+        if config.n_ctx is not None:
+            n_ctx = config.n_ctx
+            if len(tokens) >= n_ctx:
+                raise StateError(f"the saved state holds {len(tokens)} tokens but this LLM's context "
+                                 f"holds {n_ctx}; raise n_ctx")
+        else:  # the saved context's size (the continuation fits as it did), within the trained one
+            n_train = self.model.n_ctx_train
+            if n_train > 0 and len(tokens) >= n_train:
+                raise StateError(f"the saved state holds {len(tokens)} tokens, more than the model's "
+                                 f"trained context ({n_train})")
+            n_ctx = max(min(saved.header["n_ctx"], n_train if n_train > 0 else 1 << 20),
+                        -(-(len(tokens) + 1) // 256) * 256)
+        self._claim_idle("load_state")
+        try:
+            if not tokens:
+                if self._seq is not None:
+                    self._seq.clear()
+                return
+            seq = self._sequence_for(n_ctx, config)
+            before = (list(seq.tokens), seq.n_prefilled, seq.ctx.seq_state_get(seq.seq_id) if seq.tokens else b"")
+            if seq.ctx.seq_state_set(saved.body, seq.seq_id) and \
+                    seq.ctx.memory_seq_pos_min(seq.seq_id) == 0 and \
+                    seq.ctx.memory_seq_pos_max(seq.seq_id) == len(tokens) - 1:
+                seq.tokens[:] = tokens
+                seq.n_prefilled = n_prefilled
+                return
+            # Refused (llama.cpp emptied the sequence first): put back what it held.
+            seq.ctx.memory_seq_rm(seq.seq_id, -1, -1)
+            seq.tokens[:], seq.n_prefilled = [], 0
+            if before[0] and seq.ctx.seq_state_set(before[2], seq.seq_id):
+                seq.tokens[:], seq.n_prefilled = before[0], before[1]
+            raise StateError("llama.cpp refused the saved state's cache data (see the cyllama_cffi.llama log)")
+        finally:
+            self._starting = None
+
+    def _identity(self) -> Dict[str, Any]:
+        """What a saved state must match: the model's shape and size, not its file name."""
+        model = self.model
+        return {"n_vocab": len(self.vocab), "n_embd": model.n_embd, "n_layer": model.n_layer,
+                "n_params": model.n_params, "size": model.size, "desc": model.description}
+
+    def _claim_idle(self, what: str) -> None:
+        """Take the context for ``what`` (not a generation): refused while a stream is not finished."""
+        if self._released:
+            raise ClosedError("this LLM is closed: its model was freed when its with block ended")
+        with self._lock:
+            previous = self._owner() if self._owner is not None else None
+        if previous is not None and previous.state is not StreamState.FINISHED:
+            raise LLMBusyError(f"{what}: a stream of this LLM is still running; finish it, close() it "
+                               "or cancel() it first")
+        self._claim()
 
     # -- ownership of the context ------------------------------------------------------------
     def _claim(self) -> None:

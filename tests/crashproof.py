@@ -57,6 +57,7 @@ class Case(NamedTuple):
               # pre-check); "mutate": the same on a mutant (see mutant_case);
               # "api": "name::model" runs tests/robustness_cases.py's CASES[name]
               # "grammar": "name::argument" runs tests/grammar_cases.py's CASES[name]
+              # "state": "model::listing" loads each saved state listed (tests/state_cases.py)
     arg: str
 
 
@@ -293,8 +294,18 @@ def run_grammar_case(arg: str) -> Any:
     return grammar_cases.CASES[name](argument)
 
 
+def run_state_case(arg: str) -> Any:
+    """``arg`` is ``model_path::listing``: tests/state_cases.py loads each saved state listed."""
+    sys.path.insert(0, str(HERE))
+    import state_cases
+
+    model_path, _, listing = arg.partition("::")
+    return state_cases.load_corrupted_states(model_path, listing)
+
+
 OPS: Dict[str, Callable[[str], Any]] = {"file": probe_file, "file_unchecked": probe_file_unchecked,
-                                        "mutate": probe_mutant, "api": run_api_case, "grammar": run_grammar_case}
+                                        "mutate": probe_mutant, "api": run_api_case, "grammar": run_grammar_case,
+                                        "state": run_state_case}
 
 
 def _serve() -> None:

@@ -380,6 +380,30 @@ class LlamaContext(CHandle):
     def memory_seq_pos_min(self, seq_id: int = 0) -> int:
         return self._locked(lib.llama_memory_seq_pos_min, self._memory, seq_id)
 
+    def seq_state_get(self, seq_id: int = 0) -> bytes:
+        """Sequence ``seq_id``'s KV cache as llama.cpp serializes it (``llama_state_seq_get_data``)."""
+        def read() -> bytes:
+            size = lib.llama_state_seq_get_size(self._ptr, seq_id)
+            buffer = ffi.new("uint8_t[]", max(size, 1))
+            written = lib.llama_state_seq_get_data(self._ptr, buffer, size, seq_id)
+            if written != size:
+                raise LlamaError(f"llama.cpp wrote {written} bytes of sequence state, {size} expected")
+            return bytes(ffi.buffer(buffer, size))
+        return self._locked(read)
+
+    def seq_state_set(self, data: bytes, seq_id: int = 0) -> bool:
+        """Replace sequence ``seq_id`` with ``data`` from :meth:`seq_state_get`; False if llama.cpp refused it.
+
+        llama.cpp empties the sequence before it reads, so after False the sequence is empty.
+        Only give it data known to come from ``seq_state_get`` (llama.cpp does not check it all).
+        """
+        def write() -> bool:
+            buffer = ffi.from_buffer("uint8_t[]", data)
+            return lib.llama_state_seq_set_data(self._ptr, buffer, len(data), seq_id) == len(data)
+        ok = bool(self._locked(write))
+        self._logit_rows = ()
+        return ok
+
     # -- threads ----------------------------------------------------------------
     @property
     def n_threads(self) -> int:
