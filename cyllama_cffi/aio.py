@@ -16,6 +16,7 @@ the generation ends within milliseconds; the next call starts at once. (Running 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
 import queue
@@ -39,14 +40,16 @@ class _Worker:
 
     One thread, not a pool: an ``LLM`` lets a stream be stepped only by the thread that started
     it (or it raises ``LLMBusyError``), and ggml keeps an OpenMP pool per decoding thread. A
-    daemon, like the prefill helper: interpreter exit does not wait for a generation, and the
-    package's exit hook stops a decode still running.
+    daemon, like the prefill helper; at interpreter exit a running generation is cancelled and
+    the thread joined (see ``_stop_workers_at_exit``).
     """
 
     def __init__(self) -> None:
         self._calls: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=_serve, args=(self._calls,), name="cyllama-async", daemon=True)
         self._thread.start()
+        self.loading: Optional["concurrent.futures.Future[Any]"] = None  # the LLM, once loaded
+        _live_workers.add(self)
 
     def submit(self, call: Callable[[], Any]) -> "concurrent.futures.Future[Any]":
         """Queue ``call``; its future, cancelled before it starts, skips it."""
@@ -58,6 +61,43 @@ class _Worker:
         """End the thread after the calls already queued (never blocks)."""
         self._calls.put(None)
 
+    def stop_at_exit(self) -> None:
+        """Interpreter exit: cancel the running generation, skip the queued calls, end the thread."""
+        llm = _loaded(self.loading) if self.loading is not None else None
+        if llm is not None:
+            llm.cancel()
+        self.stop()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+# Every AsyncLLM's worker, for the exit hook below.
+_live_workers: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
+_exiting = False
+
+
+def _stop_workers_at_exit() -> None:
+    """End every worker thread before the interpreter is torn down.
+
+    A daemon thread still inside llama.cpp when the interpreter finalizes (a model load calls
+    back into Python for its progress) is killed at its next attempt to run Python, in the
+    middle of C++ code, and takes the process down: a program that made an ``AsyncLLM`` and
+    ended while its model loaded could crash on exit. So the exit cancels running generations,
+    skips queued calls, and waits for each thread to return from llama.cpp (a load finishes;
+    a decode stops at its next graph node).
+    """
+    global _exiting
+    _exiting = True
+    workers = list(_live_workers)
+    for worker in workers:
+        worker.stop_at_exit()
+    for worker in workers:
+        worker.join(timeout=60.0)
+
+
+atexit.register(_stop_workers_at_exit)
+
 
 def _serve(calls: "queue.SimpleQueue[Any]") -> None:
     while True:
@@ -66,7 +106,9 @@ def _serve(calls: "queue.SimpleQueue[Any]") -> None:
             return
         future, call = item
         del item
-        if future.set_running_or_notify_cancel():
+        if _exiting:
+            future.cancel()
+        elif future.set_running_or_notify_cancel():
             try:
                 result = call()
             except BaseException as error:  # handed to the awaiting task
@@ -178,7 +220,7 @@ class AsyncLLM:
         self._config = base.replace(**overrides)
         self._model_path = str(Path(os.fspath(model_path)).expanduser())  # what LLM.model_path will say
         self._worker = _Worker()
-        self._loading = self._worker.submit(_load(model_path, self._config, verbose))
+        self._loading = self._worker.loading = self._worker.submit(_load(model_path, self._config, verbose))
         self._lock: Optional[asyncio.Lock] = None
         self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
         self._current: Optional[_Call] = None  # the call whose turn it is

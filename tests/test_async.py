@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -487,3 +492,26 @@ def test_chat_async(model_path):
         expected = sync.chat(messages).text
     response = asyncio.run(chat_async(messages, model_path, temperature=0.0, max_tokens=12))
     assert response.text == expected
+
+
+def test_interpreter_exit_waits_for_a_model_still_loading(tmp_path, model_path):
+    """A program that ends while an AsyncLLM's model loads exits cleanly.
+
+    Without the exit hook, the C library's exit handlers ran while the worker thread was still
+    inside llama.cpp's model load, which then read freed ggml state: a segfault in a few percent
+    of runs. The hook joins the worker first; the check is that no worker thread is alive by the
+    time the last exit callback runs (registered first, it runs last).
+    """
+    script = tmp_path / "exit_while_loading.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, threading
+        atexit.register(lambda: print("alive at exit:",
+                                      [t.name for t in threading.enumerate() if t.name == "cyllama-async"]))
+        from cyllama_cffi import AsyncLLM
+        llm = AsyncLLM({str(model_path)!r}, max_tokens=8)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    for _ in range(3):
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "alive at exit: []" in result.stdout
