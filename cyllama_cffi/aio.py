@@ -224,6 +224,8 @@ class AsyncLLM:
         self._lock: Optional[asyncio.Lock] = None
         self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
         self._current: Optional[_Call] = None  # the call whose turn it is
+        self._load_waiter: Optional["asyncio.Future[Any]"] = None  # see _llm
+        self._load_waiter_loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = False
         # Dropped without close(): free the model on its thread, then end the thread.
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self._loading)
@@ -335,10 +337,17 @@ class AsyncLLM:
         """The loaded ``LLM`` (waiting for the load without blocking the loop)."""
         if self._closed:
             raise ClosedError("this AsyncLLM is closed")
-        if not self._loading.done():
-            waiter = asyncio.wrap_future(self._loading)
-            waiter.add_done_callback(_retrieve)
-            await asyncio.wait([waiter])  # a cancel here must not cancel the load itself
+        # Every call of a loop waits on the same asyncio future, even once the load is done:
+        # its state changes only between the loop's steps, so calls leave it in the order they
+        # came and take their turns in that order. (Asking the worker's future directly, a call
+        # made just after the load finished could overtake calls that were waiting for it.)
+        loop = asyncio.get_running_loop()
+        if self._load_waiter is None or self._load_waiter_loop is not loop:
+            self._load_waiter = asyncio.wrap_future(self._loading)
+            self._load_waiter.add_done_callback(_retrieve)
+            self._load_waiter_loop = loop
+        if not self._load_waiter.done():
+            await asyncio.wait([self._load_waiter])  # a cancel here must not cancel the load itself
         return self._loading.result()
 
     def _turn_lock(self) -> asyncio.Lock:
