@@ -26,7 +26,7 @@ from . import _state_format
 from .errors import ClosedError, LLMBusyError, StateError
 from .lowlevel.batch import LlamaBatch
 from .lowlevel.context import LlamaContext, usable_cores
-from .lowlevel.model import LlamaModel
+from .lowlevel.model import LlamaModel, ProgressCallback
 from .response import FinishReason, GenerationStats, Response
 from .sampling import build_sampler
 from .sigint import SigintHandle
@@ -55,6 +55,10 @@ class LLM:
     stream, no ``on_token``) and answers a repeated call from them without decoding;
     ``cache_ttl`` seconds bound their life (None: until evicted). See ``cache_info()``.
 
+    ``progress_callback(fraction)`` is called while the weights load (fraction 0.0 to 1.0, in
+    the loading thread); returning ``False`` or raising stops the load (``LoadCancelled``, or
+    the exception raised), as for :class:`~cyllama_cffi.lowlevel.LlamaModel`.
+
     After each generation, ``last_stats``, ``last_finish_reason`` and ``last_finished_at`` (the
     ``time.perf_counter()`` at its end) describe it.
 
@@ -65,7 +69,7 @@ class LLM:
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
                  verbose: bool = False, cache_size: int = 0, cache_ttl: Optional[float] = None,
-                 **overrides: Any) -> None:
+                 progress_callback: Optional[ProgressCallback] = None, **overrides: Any) -> None:
         self._response_cache = make_cache(cache_size, cache_ttl)  # bad values fail before the model loads
         base = config if config is not None else GenerationConfig()
         if not isinstance(base, GenerationConfig):
@@ -76,7 +80,8 @@ class LLM:
             set_verbose(True)
         cfg = self.config
         self.model = LlamaModel(model_path, n_gpu_layers=cfg.n_gpu_layers, main_gpu=cfg.main_gpu,
-                                split_mode=cfg.split_mode, tensor_split=cfg.tensor_split, use_mmap=cfg.use_mmap)
+                                split_mode=cfg.split_mode, tensor_split=cfg.tensor_split, use_mmap=cfg.use_mmap,
+                                progress_callback=progress_callback)
         self.model_path = os.fsdecode(model_path)  # as given; Response.model carries it
         self.vocab = self.model.vocab
         self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
