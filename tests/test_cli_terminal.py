@@ -1,0 +1,156 @@
+"""The interactive keys of ``cyllama-cffi`` in a real terminal (tmux): chat and Ctrl-C mid-prefill.
+
+Each test runs the command in a detached tmux session on a private server socket, types with
+``send-keys`` and reads the screen with ``capture-pane``, polling until a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import pytest
+
+from conftest import require
+
+REPO = Path(__file__).resolve().parent.parent
+SLOW = 300.0  # deadline for the model to load and answer on a busy machine
+STOP_WITHIN = 2.0  # seconds from Ctrl-C to the answer's end on screen (a second, plus polling slack)
+
+
+class Terminal:
+    """One command in a 120x40 tmux window."""
+
+    def __init__(self, command: str) -> None:
+        self.socket = f"cyllama-test-{uuid.uuid4().hex[:8]}"
+        # "; echo EXIT=$?" shows the exit status; the shell then waits so the pane can still be read
+        script = f"{command}; echo EXIT=$?; sleep 600"
+        self._tmux("new-session", "-d", "-x", "120", "-y", "40", "-s", "cli", script)
+        self._tmux("set-option", "-t", "cli", "history-limit", "5000")
+
+    def _tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
+                              text=True, timeout=30).stdout
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "cli", *keys)
+
+    def type(self, text: str) -> None:
+        self._tmux("send-keys", "-t", "cli", "-l", text)
+        self._tmux("send-keys", "-t", "cli", "Enter")
+
+    def screen(self) -> str:
+        """The whole scrollback and screen, with wrapped lines joined (and trailing blanks cut)."""
+        text = self._tmux("capture-pane", "-p", "-J", "-S", "-5000", "-t", "cli")
+        return "\n".join(line.rstrip() for line in text.splitlines())
+
+    def wait_for(self, found: Callable[[str], Optional[object]], deadline: float, what: str) -> object:
+        end = time.monotonic() + deadline
+        while True:
+            text = self.screen()
+            result = found(text)
+            if result:
+                return result
+            if time.monotonic() > end:
+                raise AssertionError(f"no {what} within {deadline} s; the screen:\n{text}")
+            time.sleep(0.05)  # polling interval, not a wait for something to happen
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def terminal(model_path) -> Iterator[Callable[[str], Terminal]]:
+    require(shutil.which("tmux") is not None, "tmux is not installed")
+    opened = []
+    env = f"CYLLAMA_MODEL={shlex.quote(str(model_path))} PYTHONPATH={shlex.quote(str(REPO))}"
+    python = shlex.quote(sys.executable)
+
+    def start(arguments: str) -> Terminal:
+        term = Terminal(f"cd {shlex.quote(str(REPO))} && env {env} {python} -m cyllama_cffi {arguments}")
+        opened.append(term)
+        return term
+
+    yield start
+    for term in opened:
+        term.close()
+
+
+STATS = re.compile(r"^\[(\d+) prompt tokens, (\d+) generated, [\d.]+ tok/s\]$", re.M)
+
+
+def _prompt_ready(count: int) -> Callable[[str], bool]:
+    """True when the last non-empty line is the chat prompt and ``count`` stats lines are on screen."""
+    def ready(text: str) -> bool:
+        lines = [line for line in text.splitlines() if line.strip()]
+        return bool(lines) and lines[-1] == ">" and len(STATS.findall(text)) >= count
+    return ready
+
+
+def _interrupt_answer(term: Terminal, message: str, answers_so_far: int) -> "tuple[int, int, float]":
+    """Send ``message``, wait until its answer streams, Ctrl-C; (prompt tokens, generated, seconds to stop)."""
+    term.type(message)
+
+    def streaming(text: str) -> bool:
+        after = text.split("> " + message, 1)
+        return len(after) == 2 and len(after[1].strip()) >= 3  # a few characters of the answer are on screen
+    term.wait_for(streaming, SLOW, f"streamed answer to {message!r}")
+    sent = time.monotonic()
+    term.keys("C-c")
+    term.wait_for(lambda text: text.count("[answer stopped]") > answers_so_far, SLOW, "[answer stopped]")
+    stopped = time.monotonic() - sent
+    term.wait_for(_prompt_ready(answers_so_far + 1), SLOW, "fresh prompt after the answer")
+    prompt_tokens, generated = STATS.findall(term.screen())[answers_so_far]
+    return int(prompt_tokens), int(generated), stopped
+
+
+def test_chat_streams_keeps_history_and_survives_ctrl_c_then_exits_on_ctrl_d(terminal):
+    term = terminal("chat --stats --temperature 0 --max-tokens 4000")
+    term.wait_for(_prompt_ready(0), SLOW, "chat prompt")
+
+    first_prompt, first_generated, first_stop = _interrupt_answer(term, "My name is Zork.", 0)
+    second_prompt, second_generated, second_stop = _interrupt_answer(term, "What is my name?", 1)
+    # The second prompt holds the first message, the partial first answer and the new message.
+    assert second_prompt >= first_prompt + first_generated + 5, term.screen()
+    assert first_stop < STOP_WITHIN and second_stop < STOP_WITHIN, (first_stop, second_stop)
+
+    term.type("/reset")
+    term.wait_for(lambda text: "[conversation cleared]" in text, SLOW, "reset confirmation")
+    third_prompt, _, _ = _interrupt_answer(term, "What is my name?", 2)
+    assert third_prompt < second_prompt  # the history is gone: a short prompt again
+
+    # Ctrl-C at the prompt drops the typed line and gives a fresh prompt; Ctrl-D exits with 0.
+    term.keys("-l", "half a line")
+    term.wait_for(lambda text: "> half a line" in text, SLOW, "typed text")
+    term.keys("C-c")
+    term.wait_for(lambda text: [line for line in text.splitlines() if line.strip()][-1] == ">", SLOW,
+                  "fresh prompt after Ctrl-C")
+    term.keys("C-d")
+    term.wait_for(lambda text: "EXIT=0" in text, SLOW, "exit status 0")
+    assert "Traceback" not in term.screen()
+
+
+def test_generate_ctrl_c_mid_prefill_stops_at_once_with_status_130(terminal, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("the llama walks on " * 1000)  # ~6000 tokens: seconds of prefill even on a fast CPU
+    term = terminal(f"generate --raw --verbose --max-tokens 5 - < {shlex.quote(str(prompt))} 2>&1 | "
+                    "grep -v DEBUG; (exit ${PIPESTATUS[0]})")
+    # llama.cpp's last log line before the prefill starts: the context's compute graph is reserved.
+    term.wait_for(lambda text: "reserve took" in text, SLOW, "context creation in the log")
+    sent = time.monotonic()
+    term.keys("C-c")
+    found = term.wait_for(lambda text: re.search(r"\[cancelled: (\d+) prompt tokens, (\d+) generated", text),
+                          SLOW, "cancelled stats")
+    stopped = time.monotonic() - sent
+    assert int(found.group(1)) > 5000 and found.group(2) == "0"  # it was in the prefill
+    term.wait_for(lambda text: "EXIT=130" in text, SLOW, "exit status 130")
+    assert stopped < STOP_WITHIN, stopped
+    assert "Traceback" not in term.screen()
