@@ -10,6 +10,7 @@ This is a sanity check of a machine and a model, not the project's benchmark sui
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             batch.close()
             ctx.close()
-        print(f"model: {model.path}  threads: {ctx_threads(args)}  repetitions: {args.repetitions}")
+        print(f"model: {os.path.basename(str(model.path))}  threads: {ctx_threads(args)}  repetitions: {args.repetitions}")
         print(f"prefill {n_prompt:5d} tokens: {statistics.median(prefill):9.1f} tok/s (median)")
         print(f"decode  {n_gen:5d} tokens: {statistics.median(decode):9.1f} tok/s (median)")
         sys.stdout.flush()
