@@ -159,3 +159,19 @@ def test_llm_reports_load_progress_and_a_false_answer_stops_the_load(model_path)
     with pytest.raises(LoadCancelled):
         LLM(model_path, progress_callback=lambda fraction: False)
 
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(model_path):
+    """``cyllama-cffi ... | head -c 1``: no traceback once the pipe is closed."""
+    child = subprocess.Popen([sys.executable, "-m", "cyllama_cffi", "--raw", "--max-tokens", "40", "One two three"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO,
+                             env=cli_env(model_path))
+    try:
+        assert child.stdout.read(1)
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        child.wait(timeout=TIMEOUT)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 1 and "Traceback" not in err and "Broken pipe" not in err, err

@@ -1,7 +1,7 @@
 """The ``cyllama-cffi`` command (also ``python -m cyllama_cffi``).
 
 ``main(argv)`` returns the exit status: 0 done, 1 an error (one line on stderr, no
-traceback), 2 a usage error, 130 stopped by Ctrl-C. The subcommands live in one module
+traceback; or stdout's reader went away), 2 a usage error, 130 stopped by Ctrl-C. The subcommands live in one module
 each and are imported only when chosen, so ``--help`` and ``serve`` load no model code.
 """
 
@@ -36,6 +36,17 @@ def _serve_argv(before: List[str], after: List[str]) -> List[str]:
     return model + passed + after
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush meets no closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout: nothing will be flushed to a pipe either
+        pass
+
+
 def main(argv: Optional[List[str]] = None, prog: str = "cyllama-cffi") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -60,6 +71,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "cyllama-cffi") -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. "| head -1" stopped reading: stop quietly, as other commands do
+        _silence_stdout()
+        return EXIT_ERROR
     except (ValueError, OSError) as problem:
         error(str(problem))
         return EXIT_ERROR
