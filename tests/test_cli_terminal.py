@@ -40,6 +40,10 @@ class Terminal:
         return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
                               text=True, timeout=30).stdout
 
+    def record(self, path: Path) -> None:
+        """Append every byte the program writes to the terminal (even what is erased later) to ``path``."""
+        self._tmux("pipe-pane", "-t", "cli", "-o", f"cat >> {shlex.quote(str(path))}")
+
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "cli", *keys)
 
@@ -71,11 +75,14 @@ class Terminal:
 def terminal(model_path) -> Iterator[Callable[[str], Terminal]]:
     require(shutil.which("tmux") is not None, "tmux is not installed")
     opened = []
-    env = f"CYLLAMA_MODEL={shlex.quote(str(model_path))} PYTHONPATH={shlex.quote(str(REPO))}"
+    model = f"CYLLAMA_MODEL={shlex.quote(str(model_path))}"
     python = shlex.quote(sys.executable)
 
-    def start(arguments: str) -> Terminal:
-        term = Terminal(f"cd {shlex.quote(str(REPO))} && env {env} {python} -m cyllama_cffi {arguments}")
+    def start(arguments: str, gated: bool = False, path: str = str(REPO)) -> Terminal:
+        """``cyllama-cffi arguments`` in a terminal (``gated``: only once a line is typed; ``path``: PYTHONPATH)."""
+        gate = "read -r _ && " if gated else ""
+        env = f"{model} PYTHONPATH={shlex.quote(path)}"
+        term = Terminal(f"cd {shlex.quote(str(REPO))} && {gate}env {env} {python} -m cyllama_cffi {arguments}")
         opened.append(term)
         return term
 
@@ -158,3 +165,21 @@ def test_generate_ctrl_c_mid_prefill_stops_at_once_with_status_130(terminal, tmp
     term.wait_for(lambda text: "EXIT=130" in text, SLOW, "exit status 130")
     assert stopped < STOP_WITHIN, stopped
     assert "Traceback" not in log.read_text(errors="replace")
+
+
+def test_a_slow_model_load_shows_a_progress_bar_on_the_terminal(terminal, tmp_path):
+    """With the bar's half-second delay made zero (every load is slow enough then), the bar is drawn and erased."""
+    startup = tmp_path / "sitecustomize.py"
+    startup.write_text("import functools\nfrom cyllama_cffi._progress import ProgressBar\n"
+                       "ProgressBar.__init__ = functools.partialmethod(ProgressBar.__init__, delay=0.0)\n")
+    output = tmp_path / "terminal.out"
+    # sitecustomize is imported at startup from sys.path: the tmp dir goes first on PYTHONPATH
+    term = terminal("generate --raw --max-tokens 1 hi", gated=True, path=f"{tmp_path}:{REPO}")
+    term.record(output)
+    term.keys("Enter")
+    term.wait_for(lambda text: "EXIT=0" in text, SLOW, "exit status 0")
+    written = output.read_bytes().decode(errors="replace")
+    assert "loading the model [" in written and "100%" in written, written
+    assert re.search(r"\r +\r", written), written  # erased afterwards
+    bar_line = [line for line in term.screen().splitlines() if "loading the model" in line]
+    assert bar_line == [], bar_line  # nothing left on screen
