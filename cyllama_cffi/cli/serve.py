@@ -29,6 +29,9 @@ def run(argv: List[str]) -> int:
 
         return int(server_main(argv) or 0)
     except ImportError as failure:
+        if failure.name == f"{__package__.rsplit('.', 1)[0]}.server":
+            print("cyllama-cffi serve: this installation of cyllama_cffi has no server module", file=sys.stderr)
+            return EXIT_USAGE
         missing = missing_dependency(failure)
         if missing is None:
             raise
