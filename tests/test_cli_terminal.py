@@ -6,7 +6,6 @@ Each test runs the command in a detached tmux session on a private server socket
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -72,7 +71,7 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal(model_path) -> Iterator[Callable[[str], Terminal]]:
+def terminal(model_path) -> Iterator[Callable[..., Terminal]]:
     require(shutil.which("tmux") is not None, "tmux is not installed")
     opened = []
     model = f"CYLLAMA_MODEL={shlex.quote(str(model_path))}"
