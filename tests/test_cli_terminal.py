@@ -1,6 +1,6 @@
 """The interactive keys of ``cyllama-cffi`` in a real terminal (tmux): chat and Ctrl-C mid-prefill.
 
-Each test runs the command in a detached tmux session on a private server socket, types with
+Each test runs the command in a detached tmux session (CI installs tmux) on a private server socket, types with
 ``send-keys`` and reads the screen with ``capture-pane``, polling until a deadline.
 """
 
@@ -118,6 +118,7 @@ def _interrupt_answer(term: Terminal, message: str, answers_so_far: int) -> "tup
     return int(prompt_tokens), int(generated), stopped
 
 
+@pytest.mark.slow
 def test_chat_streams_keeps_history_and_survives_ctrl_c_then_exits_on_ctrl_d(terminal):
     term = terminal("chat --stats --temperature 0 --max-tokens 4000")
     term.wait_for(_prompt_ready(0), SLOW, "chat prompt")
