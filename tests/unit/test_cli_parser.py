@@ -220,3 +220,14 @@ def test_ctrl_c_after_the_last_progress_call_still_interrupts():
             progress(1.0)
             os.kill(os.getpid(), signal.SIGINT)
             progress  # noqa: B018 - a bytecode for the handler to run at
+
+
+def test_serve_without_a_server_module_says_so(monkeypatch, capsys):
+    import sys
+
+    from cyllama_cffi.cli import main
+
+    monkeypatch.setitem(sys.modules, "cyllama_cffi.server", None)  # as if the module were absent
+    assert main(["serve", "--help"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "cyllama-cffi serve: this installation of cyllama_cffi has no server module"
