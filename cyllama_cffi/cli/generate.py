@@ -28,6 +28,8 @@ def read_prompt(prompt: Any, stdin: TextIO) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.raw and args.system:
+        raise UsageError("--system goes through the chat template, which --raw skips: use one of them")
     prompt = read_prompt(args.prompt, sys.stdin)
     llm = load_llm(args, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     with llm:

@@ -231,3 +231,10 @@ def test_serve_without_a_server_module_says_so(monkeypatch, capsys):
     assert main(["serve", "--help"]) == 2
     assert capsys.readouterr().err.strip() == \
         "cyllama-cffi serve: this installation of cyllama_cffi has no server module"
+
+
+def test_raw_with_a_system_message_is_a_usage_error(capsys):
+    from cyllama_cffi.cli import main
+
+    assert main(["generate", "--raw", "--system", "Be terse.", "hi"]) == 2  # refused before any model loads
+    assert "--raw" in capsys.readouterr().err
