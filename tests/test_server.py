@@ -404,7 +404,9 @@ def test_sigterm_ends_the_streams_and_the_process_within_2s(small):
     for reader in readers:
         reader.join(PATIENCE)
     assert elapsed < 2.0, f"exited after {elapsed:.2f} s:\n{small.output()}"
-    assert small.proc.returncode == 0, small.output()
+    # uvicorn re-raises the signal once it has shut down, so the exit is SIGTERM's own
+    assert small.proc.returncode in (0, -signal.SIGTERM), small.output()
+    assert "Traceback" not in small.output()
     for index in (0, 1):
         assert lines[index][-1] == "data: [DONE]", lines[index][-3:]
         final = json.loads(lines[index][-2][6:])
