@@ -29,7 +29,6 @@ from ..chat_template import apply_chat_template
 from ..config import GenerationConfig
 from ..errors import ChatTemplateError
 from ..lowlevel.model import LlamaModel
-from ..response import FinishReason
 from ._metrics import Metrics
 from ._protocol import APIError, Completion, error_body, parse_chat, parse_completion, parse_embeddings
 from ._scheduler import Job, QueueFull, Scheduler, ShuttingDown, Usage

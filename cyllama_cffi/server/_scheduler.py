@@ -155,6 +155,10 @@ class Scheduler:
     def _admit(self) -> None:
         """Queued jobs into free slots, oldest first (under the lock)."""
         engine = self.engine
+        for job in [j for j in self._queue if j.cancelled]:  # gone before their turn: the queue shrinks now
+            self._queue.remove(job)
+            self.metrics.add(cancels=1)
+            self._end(job, "done", (FinishReason.CANCELLED, Usage(len(job.prompt), 0, 0)))
         while self._queue and engine.has_room:
             job = self._queue.popleft()
             if job.cancelled:
