@@ -54,7 +54,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         self.log = tempfile.TemporaryFile()
-        command = [sys.executable, "-m", "cyllama_cffi.server", str(model_path), "--port", str(self.port), *args]
+        # One thread: these tests measure behaviour, not speed, and on a shared runner a second
+        # decoding thread that waits for a descheduled first one only slows everything down.
+        command = [sys.executable, "-m", "cyllama_cffi.server", str(model_path), "--port", str(self.port),
+                   "--threads", "1", *args]
         if key:
             command += ["--api-key", key]
         self.proc = subprocess.Popen(command, cwd=str(REPO), stdout=self.log, stderr=subprocess.STDOUT)
