@@ -132,7 +132,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    running = Server(model_path, "--parallel", "4", "--ctx-size", "16384", "--max-queue", "256")
+    # Eight slots of 4096 cells: a request runs beside up to seven others.
+    running = Server(model_path, "--parallel", "8", "--ctx-size", "32768", "--max-queue", "256")
     yield running
     running.stop()
 
