@@ -62,8 +62,15 @@ def serve(model_path: Any = None, host: str = "127.0.0.1", port: int = 8000, log
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), serve until a signal; the exit status."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` (default ``sys.argv[1:]``), serve until a signal; the exit status.
+
+    ``--help`` and usage errors return argparse's status (0, 2) instead of raising SystemExit,
+    so a caller such as a larger command line gets a status either way.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=args.log_level.upper())
     try:
         serve(args.model, host=args.host, port=args.port, log_level=args.log_level, parallel=args.parallel,

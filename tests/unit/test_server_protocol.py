@@ -110,3 +110,17 @@ def test_metrics_render_prometheus_text():
     assert "cyllama_time_to_first_token_seconds_count 1" in text
     for line in text.splitlines():  # every sample line is "name{labels} value"
         assert line.startswith("#") or float(line.rpartition(" ")[2]) >= 0
+
+
+def test_the_command_line_defaults_and_usage_errors(capsys):
+    from cyllama_cffi.server import main
+    from cyllama_cffi.server._main import build_parser
+
+    args = build_parser().parse_args([])
+    assert (args.model, args.host, args.port, args.parallel, args.prompt_budget, args.max_queue, args.api_key) == \
+        (None, "127.0.0.1", 8000, 4, 256, 64, None)
+    args = build_parser().parse_args(["m.gguf", "--port", "9", "-np", "8", "-c", "4096", "--api-key", "k"])
+    assert (args.model, args.port, args.parallel, args.ctx_size, args.api_key) == ("m.gguf", 9, 8, 4096, "k")
+    assert main(["--help"]) == 0
+    assert main(["--port", "not-a-port"]) == 2
+    assert "usage:" in capsys.readouterr().err
