@@ -309,7 +309,7 @@ LOAD_PROMPTS = ["Once upon a time,", "The capital of France is", "def fibonacci(
 
 
 def test_a_bounded_load_loses_nothing_and_matches_solo_answers(server):
-    n_requests = int(os.environ.get("CYLLAMA_SERVER_LOAD", "96"))
+    n_requests = int(os.environ.get("CYLLAMA_SERVER_LOAD", "200"))
     rng = random.Random(7)
     orders = [(rng.choice(LOAD_PROMPTS), rng.choice((2, 16)), rng.random() < 0.2) for _ in range(n_requests)]
 
