@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections import deque
-from typing import Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ._cancel import Cancellation
 from ._ffi import ffi
@@ -55,6 +55,7 @@ class EngineSequence:
         self.generated: List[int] = []
         self.cached: List[int] = []  # tokens whose K/V are in the cache, in position order
         self.seq_id = -1  # assigned when the engine takes it
+        self.n_reused = 0  # prompt tokens whose cells were already in the sequence (prefix affinity)
         self.capacity = 0  # positions the sequence may use in all
         self.pending = -1  # sampled, emitted, not yet decoded
         self.finish_reason: Optional[FinishReason] = None
@@ -117,12 +118,21 @@ class Engine:
 
     ``kv_unified=False`` (llama.cpp's default) gives each sequence ``n_ctx // n_seq_max``
     cells of its own, the fastest attention; ``True`` lets any sequence use any free cell.
-    ``prompt_budget``: most prompt tokens one step reads (default: the whole batch).
+    ``prompt_budget``: most prompt tokens one step reads (default: the whole batch). A prompt is
+    read in chunks that end at multiples of ``prompt_budget`` positions, whatever else the step
+    holds, so how a prompt is split does not depend on its neighbours (llama.cpp's sums do
+    depend on the split): a chunk that does not fit what is left of a step's budget waits for
+    the next step, unless the step has no prompt rows yet.
+
+    ``keep_prefixes=True`` (prefix affinity, for servers): a sequence that finishes (not
+    cancelled) leaves its cells and its token record behind; :meth:`add` gives a new sequence
+    the free sequence id whose record shares the longest prefix with its prompt, cuts the cells
+    past that prefix, and decodes only the rest of the prompt (``EngineSequence.n_reused``).
     """
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_seq_max: int, n_batch: int = 2048,
                  n_ubatch: int = 512, n_threads: Optional[int] = None, kv_unified: bool = False,
-                 prompt_budget: Optional[int] = None) -> None:
+                 prompt_budget: Optional[int] = None, keep_prefixes: bool = False) -> None:
         if n_seq_max < 1:
             raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
         self.ctx = LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
@@ -135,6 +145,9 @@ class Engine:
         self.cancellation = Cancellation()
         self.cancellation.attach(self.ctx)
         self._free_ids: Deque[int] = deque(range(n_seq_max))
+        self.keep_prefixes = keep_prefixes
+        # What each free sequence id still holds in its cells (keep_prefixes), in position order.
+        self._kept: Dict[int, List[int]] = {}
         self._running: List[EngineSequence] = []  # in the order they joined
         # Row arrays handed to C each step; allocated once, at the largest size a step can have.
         self._tokens = ffi.new("int32_t[]", self.n_batch)
@@ -163,12 +176,44 @@ class Engine:
             raise ValueError(f"the prompt has {len(sequence.prompt)} tokens but a sequence holds "
                              f"{self.seq_capacity}; shorten the prompt or raise n_ctx")
         self.ctx.vocab.check_tokens(sequence.prompt)
-        sequence.seq_id = self._free_ids.popleft()
+        seq_id, keep = self._pick_id(sequence.prompt)
+        self._free_ids.remove(seq_id)
+        kept = self._kept.pop(seq_id, [])
+        if len(kept) > keep:
+            self.ctx.memory_seq_rm(seq_id, keep, -1)
+        sequence.seq_id = seq_id
+        sequence.cached = list(sequence.prompt[:keep])
+        sequence.n_reused = keep
         sequence.capacity = self.seq_capacity
         self._running.append(sequence)
         if sequence.max_tokens <= 0:
             self._end(sequence, FinishReason.LENGTH)
         return sequence
+
+    def _pick_id(self, prompt: Sequence[int]) -> Tuple[int, int]:
+        """The free id to give ``prompt``, and how many of its tokens that id's cells hold already.
+
+        The longest common prefix wins (at least the prompt's last token is left to decode: its
+        logits pick the first token); without one, an id that holds nothing, else the one
+        freed longest ago, so that the records most recently left are kept longest.
+        """
+        best, best_keep = -1, 0
+        for seq_id in self._free_ids:
+            kept = self._kept.get(seq_id)
+            if not kept:
+                continue
+            limit = min(len(kept), len(prompt) - 1)
+            n = 0
+            while n < limit and kept[n] == prompt[n]:
+                n += 1
+            if n > best_keep:
+                best, best_keep = seq_id, n
+        if best >= 0:
+            return best, best_keep
+        for seq_id in self._free_ids:
+            if not self._kept.get(seq_id):
+                return seq_id, 0
+        return self._free_ids[0], 0
 
     def cancel(self) -> None:
         """Stop every sequence soon, even inside a running decode; safe from any thread."""
@@ -233,7 +278,14 @@ class Engine:
             start = len(sequence.cached)
             if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):
                 continue
-            count = min(budget, len(sequence.prompt) - start)
+            # The chunk ends at the next multiple of prompt_budget (or the prompt's end), so that
+            # the split is the same whatever else runs; it waits if it does not fit, unless the
+            # step has no prompt rows yet (a step always makes progress).
+            count = min(self.prompt_budget - start % self.prompt_budget, len(sequence.prompt) - start)
+            if count > budget:
+                if chunks:
+                    continue
+                count = budget
             ffi.memmove(tokens + n, array("i", sequence.prompt[start:start + count]), 4 * count)
             ffi.memmove(positions + n, array("i", range(start, start + count)), 4 * count)
             ffi.memmove(seq_ids + n, array("i", [sequence.seq_id]) * count, 4 * count)
@@ -266,13 +318,24 @@ class Engine:
         self._release(sequence)
 
     def _release(self, sequence: EngineSequence) -> None:
-        """The sequence leaves: its cells and its id are free for the next one."""
+        """The sequence leaves: its id is free for the next one, and its cells too, unless
+        ``keep_prefixes`` keeps what a finished (not cancelled) sequence left in them."""
         self._running.remove(sequence)
-        try:
-            self.ctx.memory_seq_rm(sequence.seq_id, -1, -1)
-        except ClosedError:
-            pass
+        if self.keep_prefixes and sequence.finish_reason is not FinishReason.CANCELLED and sequence.cached:
+            self._kept[sequence.seq_id] = list(sequence.cached)
+        else:
+            self._kept.pop(sequence.seq_id, None)
+            try:
+                self.ctx.memory_seq_rm(sequence.seq_id, -1, -1)
+            except ClosedError:
+                pass
         self._free_ids.append(sequence.seq_id)
+
+    def forget(self) -> None:
+        """Empty the cells every free sequence id kept (``keep_prefixes``); stepping thread only."""
+        for seq_id in list(self._kept):
+            del self._kept[seq_id]
+            self.ctx.memory_seq_rm(seq_id, -1, -1)
 
     def close(self) -> None:
         for sequence in list(self._running):

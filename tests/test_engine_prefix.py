@@ -1,0 +1,94 @@
+"""The engine's prefix affinity (``keep_prefixes``) and its prompt chunks, on the real model.
+
+What is proven: a finished sequence's cells stay in its sequence id; a prompt that extends them
+gets that id and decodes only its new tokens, with the same greedy text as a fresh engine; a
+cancelled sequence leaves nothing behind; without ``keep_prefixes`` nothing is kept; prompt
+chunks end at multiples of ``prompt_budget`` whatever else the step holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cyllama_cffi import GenerationConfig
+from cyllama_cffi._engine import Engine, EngineSequence
+from cyllama_cffi.sampling import build_sampler
+
+GREEDY = GenerationConfig(temperature=0.0, max_tokens=16)
+
+
+@pytest.fixture
+def make(model):
+    engines = []
+
+    def build(**kwargs):
+        engine = Engine(model, n_ctx=2048, n_seq_max=2, n_batch=72, n_ubatch=72, **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.close()
+
+
+def sequence(engine, tokens, max_tokens=16):
+    return EngineSequence(tokens, build_sampler(GREEDY.replace(max_tokens=max_tokens), engine.ctx.vocab,
+                                                engine.seq_capacity), max_tokens)
+
+
+def run(engine, tokens, max_tokens=16):
+    seq = engine.add(sequence(engine, tokens, max_tokens))
+    engine.run()
+    return seq
+
+
+def test_a_prompt_extending_a_finished_sequence_decodes_only_its_new_tokens(model, make):
+    vocab = model.vocab
+    engine = make(keep_prefixes=True, prompt_budget=64)
+    first = run(engine, vocab.tokenize("Once upon a time, in a land far away,", add_special=True))
+    run(engine, vocab.tokenize("The capital of France is", add_special=True))  # the other id
+    follow = vocab.tokenize("Once upon a time, in a land far away," + first.text + " Then", add_special=True)
+    second = run(engine, follow)
+    assert second.seq_id == first.seq_id
+    # the prompt and (as far as the text tokenizes the same again) the answer were in the cells
+    assert len(first.prompt) < second.n_reused <= len(first.cached)
+    assert second.n_reused == next(i for i, (a, b) in enumerate(zip(first.cached + [-1], follow)) if a != b)
+    fresh = run(make(prompt_budget=64), follow)
+    assert fresh.n_reused == 0 and second.text == fresh.text
+
+
+def test_cancelled_sequences_and_plain_engines_keep_nothing(model, make):
+    vocab = model.vocab
+    prompt = vocab.tokenize("Water boils at", add_special=True)
+    engine = make(keep_prefixes=True)
+    seq = engine.add(sequence(engine, prompt))
+    engine.step()
+    seq.cancel()
+    engine.step()
+    assert seq.finish_reason == "cancelled"
+    assert run(engine, prompt).n_reused == 0
+    plain = make()
+    run(plain, prompt)
+    assert run(plain, prompt).n_reused == 0
+
+
+def test_prompt_chunks_end_at_multiples_of_the_budget(model, make, monkeypatch):
+    vocab = model.vocab
+    engine = make(prompt_budget=64)
+    rows = []
+    original = engine.ctx.decode_rows
+
+    def counting(batch, n_rows, *args):
+        rows.append(n_rows)
+        return original(batch, n_rows, *args)
+
+    monkeypatch.setattr(engine.ctx, "decode_rows", counting)
+    short = vocab.tokenize("The capital of France is", add_special=True)
+    long = vocab.tokenize("Tell me a story. " * 20, add_special=True)
+    assert 64 < len(long) < 128
+    engine.add(sequence(engine, short))
+    engine.add(sequence(engine, long))
+    engine.run()
+    # Step 1: the short prompt; the long one's first chunk (64) would not fit in what is left.
+    # Step 2: the short one's token and the long one's 64; step 3: a token and the long one's rest.
+    assert rows[:3] == [len(short), 1 + 64, 1 + len(long) - 64]
