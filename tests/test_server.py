@@ -49,15 +49,16 @@ def free_port() -> int:
 class Server:
     """``python -m cyllama_cffi.server`` in a child process, stopped at the end."""
 
-    def __init__(self, model_path: Path, *args: str, key: Optional[str] = None) -> None:
+    def __init__(self, model_path: Path, *args: str, key: Optional[str] = None,
+                 launcher: Optional[List[str]] = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         self.log = tempfile.TemporaryFile()
         # One thread: these tests measure behaviour, not speed, and on a shared runner a second
         # decoding thread that waits for a descheduled first one only slows everything down.
-        command = [sys.executable, "-m", "cyllama_cffi.server", str(model_path), "--port", str(self.port),
-                   "--threads", "1", *args]
+        launcher = launcher or ["-m", "cyllama_cffi.server", str(model_path)]
+        command = [sys.executable, *launcher, "--port", str(self.port), "--threads", "1", *args]
         if key:
             command += ["--api-key", key]
         self.proc = subprocess.Popen(command, cwd=str(REPO), stdout=self.log, stderr=subprocess.STDOUT)
@@ -415,3 +416,19 @@ def test_sigterm_ends_the_streams_and_the_process_within_2s(small):
         assert lines[index][-1] == "data: [DONE]", lines[index][-3:]
         final = json.loads(lines[index][-2][6:])
         assert final["choices"][0]["finish_reason"] == "cancelled"
+
+
+def test_the_cli_serve_subcommand_runs_the_same_server(model_path):
+    # Global options before "serve" become the server's own (here: the model and the context).
+    running = Server(model_path, "--parallel", "1",
+                     launcher=["-m", "cyllama_cffi", "--model", str(model_path), "--ctx-size", "1024", "serve"])
+    try:
+        models = httpx.get(running.url + "/v1/models", timeout=PATIENCE).json()
+        assert [entry["id"] for entry in models["data"]] == [Path(model_path).stem]
+        answer = running.post("/v1/completions", {"prompt": COUNTING, "max_tokens": 4, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        running.proc.send_signal(signal.SIGTERM)
+        running.proc.wait(PATIENCE)
+        assert running.proc.returncode is not None
+    finally:
+        running.stop()

@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _serve_argv(before: List[str], after: List[str]) -> List[str]:
-    """The server's argv: ``--model``/``--ctx-size`` given before ``serve`` become the server's own."""
+    """The server's argv: ``--model``/``--ctx-size``/``--threads`` given before ``serve`` become the server's own."""
     model: List[str] = []
     passed: List[str] = []
     index = 0
@@ -28,8 +28,10 @@ def _serve_argv(before: List[str], after: List[str]) -> List[str]:
             value = before[index] if index < len(before) else ""
         if option == "--model":
             model = [value]
-        elif option in ("--ctx-size", "--verbose"):
-            passed += [option, value] if value else [option]
+        elif option in ("--ctx-size", "--threads"):
+            passed += [option, value]
+        elif option == "--verbose":  # the server's own word for it
+            passed += ["--log-level", "info"]
         else:
             raise UsageError(f"{option} before 'serve' is not a server option; put server options after 'serve'")
         index += 1

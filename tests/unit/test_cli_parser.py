@@ -101,8 +101,10 @@ def test_global_options_before_serve_become_server_arguments():
     assert _serve_argv(["--model", "m.gguf", "--ctx-size", "512"], ["--port", "9"]) == \
         ["m.gguf", "--ctx-size", "512", "--port", "9"]
     assert _serve_argv(["--model=m.gguf"], []) == ["m.gguf"]
+    assert _serve_argv(["--threads", "2"], []) == ["--threads", "2"]
+    assert _serve_argv(["--verbose"], []) == ["--log-level", "info"]
     with pytest.raises(UsageError, match="after 'serve'"):
-        _serve_argv(["--threads", "2"], [])
+        _serve_argv(["--max-tokens", "2"], [])
 
 
 def test_only_missing_server_dependencies_get_the_install_hint():
