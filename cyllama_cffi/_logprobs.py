@@ -72,11 +72,11 @@ def top_logprobs(logits: "np.ndarray", token: int, n: int) -> Tuple[float, List[
         raise ValueError(f"token id {token} is outside the row of {row.size} logits")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    peak = float(row.max())
-    log_total = peak + math.log(float(np.exp(row - peak).sum()))  # log-sum-exp, without overflow
+    shifted = row - row.max()  # the largest is 0: exp cannot overflow, and huge logits keep their digits
+    log_total = math.log(float(np.exp(shifted).sum()))
     n = min(n, row.size)
     if n == 0:
-        return float(row[token]) - log_total, []
+        return float(shifted[token]) - log_total, []
     candidates = np.argpartition(row, row.size - n)[row.size - n:] if n < row.size else np.arange(row.size)
     # Most likely first; among equal logits, the lower id first (lexsort's last key is the primary one).
     ordered = candidates[np.lexsort((candidates, -row[candidates]))]
@@ -87,7 +87,7 @@ def top_logprobs(logits: "np.ndarray", token: int, n: int) -> Tuple[float, List[
         above = ordered[row[ordered] > threshold]
         tied = np.flatnonzero(row == threshold)[:n - above.size]
         ordered = np.concatenate((above, tied))
-    return float(row[token]) - log_total, [(int(i), float(row[i]) - log_total) for i in ordered]
+    return float(shifted[token]) - log_total, [(int(i), float(shifted[i]) - log_total) for i in ordered]
 
 
 def token_logprob(logits: "np.ndarray", token: int, n: int, piece_bytes: Callable[[int], bytes]) -> TokenLogprob:
