@@ -93,10 +93,10 @@ def top_logprobs(logits: "np.ndarray", token: int, n: int) -> Tuple[float, List[
 def token_logprob(logits: "np.ndarray", token: int, n: int, piece_bytes: Callable[[int], bytes]) -> TokenLogprob:
     """:func:`top_logprobs` as a :class:`TokenLogprob`; ``piece_bytes`` gives a token's bytes."""
     logprob, top = top_logprobs(logits, token, n)
-    piece = piece_bytes(token)
-    alternatives = tuple(TopLogprob(i, _text(piece_bytes(i)), piece_bytes(i), value) for i, value in top)
-    return TokenLogprob(token, _text(piece), piece, logprob, alternatives)
+    alternatives = tuple(TopLogprob(i, *_text_and_piece(piece_bytes(i)), value) for i, value in top)
+    return TokenLogprob(token, *_text_and_piece(piece_bytes(token)), logprob, alternatives)
 
 
-def _text(piece: bytes) -> str:
-    return piece.decode("utf-8", "replace")
+def _text_and_piece(piece: bytes) -> Tuple[str, bytes]:
+    """``(text, piece)``: the fields' order in both records."""
+    return piece.decode("utf-8", "replace"), piece
