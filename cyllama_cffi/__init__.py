@@ -31,6 +31,7 @@ _EXPORTS: Dict[str, str] = {
     "Embedder": "embeddings",
     "Grammar": "grammar", "json_schema_to_gbnf": "_json_schema",
     "Response": "response", "GenerationStats": "response", "FinishReason": "response",
+    "TokenLogprob": "_logprobs", "TopLogprob": "_logprobs",
     "install_sigint_handler": "sigint", "SigintHandle": "sigint",
     "set_verbose": "_logging",
     "ResponseCacheInfo": "_response_cache",
@@ -57,6 +58,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from ._ffi import ffi, lib
     from ._logging import set_verbose
+    from ._logprobs import TokenLogprob, TopLogprob
     from ._response_cache import ResponseCacheInfo
     from .batching import BatchGenerator, BatchRequest, BatchResponse, batch_generate
     from .api import chat, complete, simple

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Generator, List, Sequence
+from typing import TYPE_CHECKING, Callable, Generator, List, Optional, Sequence
 
 from ._background import Job
 from ._ffi import ffi
@@ -26,15 +26,24 @@ from .errors import DecodeAborted
 from .lowlevel.sampler import LlamaSampler
 from .response import FinishReason
 
+if TYPE_CHECKING:
+    from ._logprobs import TokenLogprob
+    from .lowlevel.context import LlamaContext
+
 
 class Progress:
-    """What a running generation has done so far, for its stream's stats."""
+    """What a running generation has done so far, for its stream's stats.
 
-    __slots__ = ("generated", "prompt_done_at")
+    ``logprobs`` (``n_logprobs`` > 0 only) has an entry for each token of ``generated``.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("generated", "prompt_done_at", "n_logprobs", "logprobs")
+
+    def __init__(self, n_logprobs: Optional[int] = None) -> None:
         self.generated: List[int] = []
         self.prompt_done_at = 0.0  # time.perf_counter() when the prompt was in the cache
+        self.n_logprobs = n_logprobs or 0
+        self.logprobs: Optional[List["TokenLogprob"]] = [] if self.n_logprobs else None
 
 
 def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], LlamaSampler],
@@ -53,7 +62,8 @@ def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], 
         if not prefill(seq, prompt, cancel):
             return FinishReason.CANCELLED
         progress.prompt_done_at = time.perf_counter()
-        reason = yield from _tokens(seq, sampler, assembler, max_tokens, n_ctx, cancel, progress.generated)
+        record = _logprob_recorder(seq.ctx, progress) if progress.n_logprobs else progress.generated.append
+        reason = yield from _tokens(seq, sampler, assembler, max_tokens, n_ctx, cancel, progress.generated, record)
     finally:
         sampler.close()  # the generation owns its sampler chain
     tail = assembler.finish()  # held back: a partial character, a prefix of a stop sequence
@@ -95,8 +105,9 @@ def prefill(seq: KVSequence, prompt: Sequence[int], cancel: Cancellation) -> boo
 
 
 def _tokens(seq: KVSequence, sampler: LlamaSampler, assembler: TextAssembler, max_tokens: int, n_ctx: int,
-            cancel: Cancellation, generated: List[int]) -> Generator[str, None, FinishReason]:
-    """Sample, emit, decode; one iteration a token.
+            cancel: Cancellation, generated: List[int], record: Callable[[int], None]
+            ) -> Generator[str, None, FinishReason]:
+    """Sample, emit, decode; one iteration a token. ``record`` appends a token to ``generated``.
 
     Everything a token needs is looked up once, before the loop: the Python part of a token
     runs right after a decode has streamed the weights through the CPU caches, where every
@@ -120,7 +131,7 @@ def _tokens(seq: KVSequence, sampler: LlamaSampler, assembler: TextAssembler, ma
             return FinishReason.CANCELLED
         if is_eog(token):
             return FinishReason.STOP
-        generated.append(token)
+        record(token)  # before the decode below overwrites the logits it was chosen from
         text = feed(piece_bytes(token))
         if text:
             # Out before its token's decode: the first chunk follows the prefill at once, and
@@ -138,3 +149,26 @@ def _tokens(seq: KVSequence, sampler: LlamaSampler, assembler: TextAssembler, ma
             return FinishReason.CANCELLED
         kv_tokens.append(token)
         token = chosen[0] if chosen is not None and chosen[0] >= 0 else sampler.sample(ctx)
+
+
+def _logprob_recorder(ctx: "LlamaContext", progress: Progress) -> Callable[[int], None]:
+    """``record`` for a generation that keeps log-probabilities (``progress.n_logprobs`` > 0).
+
+    Each token's entry comes from the logits row it was chosen from: the last decode's (row -1,
+    as the sampler and the shim's greedy pick read it), before the token's own decode replaces
+    them. The entry goes in first, so an exception leaves the two lists the same length.
+    """
+    import numpy as np
+
+    from ._logprobs import token_logprob
+
+    row = np.empty(ctx.vocab.n_tokens, dtype=np.float64)  # reused: the logits copied (and widened) here
+    n, generated, logprobs = progress.n_logprobs, progress.generated, progress.logprobs
+    piece_bytes = ctx.vocab.piece_bytes
+    assert logprobs is not None
+
+    def record(token: int) -> None:
+        logprobs.append(token_logprob(ctx.copy_logits(-1, row), token, n, piece_bytes))
+        generated.append(token)
+
+    return record

@@ -26,7 +26,7 @@ _RANDOM_SEEDS = (None, -1, 0xFFFFFFFF)  # 0xFFFFFFFF is LLAMA_DEFAULT_SEED
 # them out too. n_ctx is kept, unlike cyllama's key: a smaller context ends a generation sooner.
 OUTPUT_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_last_n",
                  "frequency_penalty", "presence_penalty", "mirostat", "mirostat_tau", "mirostat_eta",
-                 "n_ctx", "seed", "add_bos", "parse_special")
+                 "n_ctx", "seed", "add_bos", "parse_special", "logprobs")
 
 
 class ResponseCacheInfo(NamedTuple):
@@ -57,7 +57,9 @@ def cache_key(prompt: Any, config: Any) -> Optional[Hashable]:
         return None
     settings = tuple(getattr(config, name) for name in OUTPUT_FIELDS)
     # stop sequences as a set: the first one found ends the text, whatever their order
-    return what + settings + (tuple(sorted(set(config.stop_sequences))),)
+    stops = tuple(sorted(set(config.stop_sequences)))
+    bias = tuple(sorted(config.logit_bias.items())) if config.logit_bias else ()  # a dict: not hashable
+    return what + settings + (stops, bias)
 
 
 def _check_size(cache_size: Any) -> int:
@@ -145,15 +147,16 @@ class ResponseCache:
 
 
 def copy_response(response: Any) -> Any:
-    """A new Response equal to ``response`` (text, stats, finish_reason, model).
+    """A new Response equal to ``response`` (text, stats, finish_reason, model, logprobs).
 
     The cache keeps its own copy and hands out copies, so a caller that changes the one it got
-    changes nothing for the next caller.
+    changes nothing for the next caller (the logprobs entries themselves are immutable tuples).
     """
     import dataclasses
 
+    logprobs = list(response.logprobs) if response.logprobs is not None else None
     return type(response)(response.text, dataclasses.replace(response.stats), response.finish_reason,
-                          response.model)
+                          response.model, logprobs=logprobs)
 
 
 def make_cache(cache_size: Any, cache_ttl: Any) -> Optional[ResponseCache]:

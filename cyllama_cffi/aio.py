@@ -169,7 +169,7 @@ class _Generation(_Call):
                     else:
                         self._on_chunk(chunk)
             return Response("".join(pieces), stream.stats, stream.finish_reason or FinishReason.STOP,
-                            self._llm.model_name)
+                            self._llm.model_name, logprobs=stream.logprobs)
         finally:
             self._ended = True
             if self._on_chunk is not None:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from ._logprobs import MAX_LOGPROBS
 from .defaults import (DEFAULT_MAIN_GPU, DEFAULT_MAX_TOKENS, DEFAULT_MIN_P, DEFAULT_N_BATCH, DEFAULT_N_GPU_LAYERS,
                        DEFAULT_PENALTY_FREQ, DEFAULT_PENALTY_LAST_N, DEFAULT_PENALTY_PRESENT, DEFAULT_REPEAT_PENALTY,
                        DEFAULT_SPLIT_MODE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, LLAMA_DEFAULT_SEED)
@@ -40,7 +41,10 @@ class GenerationConfig:
     as plain text. ``use_mmap=True`` maps the model file (llama.cpp's default: quick to load,
     shared between processes); ``False`` reads a private copy of the weights onto transparent
     huge pages, for long-lived processes that decode a lot (docs/performance.md gives the
-    trade-off).
+    trade-off). ``logprobs=n`` (1 to 20) records each generated token's log-probability and the
+    ``n`` most likely tokens at its step (``Response.logprobs``, ``Stream.logprobs``).
+    ``logit_bias={token_id: bias}`` adds ``bias`` to those tokens' logits ahead of every
+    other stage (``-inf`` bans a token, a large positive bias forces it).
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -78,12 +82,19 @@ class GenerationConfig:
     # (a dict, or a pydantic model class), converted to a grammar. At most one of the two.
     grammar: Any = None
     json_schema: Any = None
+    # Token log-probabilities (docs/logprobs.md): None or 0 = off; n = each generated token's
+    # log-probability and the n most likely tokens at its step, from the model's raw logits.
+    logprobs: Optional[int] = None
+    # {token id: bias} added to those tokens' logits before any other sampler stage; -inf bans one.
+    logit_bias: Optional[Dict[int, float]] = None
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
         if problems:
             raise ValueError("Invalid GenerationConfig: " + "; ".join(problems))
         _check_structured_output(self)
+        if self.logit_bias is not None:  # a copy as {int: float}: later changes to the caller's dict change nothing
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
 
     def replace(self, **overrides: Any) -> "GenerationConfig":
         """A validated copy with some fields changed; unknown names raise ``TypeError``."""
@@ -99,6 +110,7 @@ class GenerationConfig:
 
 INT32_MAX = 2**31 - 1  # fields passed to llama.cpp as int32_t must fit, or cffi raises late
 UINT32_MAX = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # a larger bias would reach llama.cpp as inf
 
 
 def _is_int(value: Any) -> bool:
@@ -153,6 +165,31 @@ def _tensor_split(value: Any) -> Optional[str]:
     return None
 
 
+def _logprobs(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    phrase = f"logprobs must be between 0 and {MAX_LOGPROBS} (None or 0 = off)"
+    if not _is_int(value):
+        return f"{phrase} (an int), got {value!r}"
+    return None if 0 <= value <= MAX_LOGPROBS else f"{phrase}, got {value!r}"
+
+
+def _logit_bias(value: Any) -> Optional[str]:
+    """Token ids >= 0 (checked against the vocabulary when a generation starts) mapped to finite
+    biases, or -inf (the token is never chosen). +inf and NaN would make every probability NaN."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"logit_bias must be a dict of token id -> bias, or None, got {value!r}"
+    for token, bias in value.items():
+        if not _is_int(token) or not 0 <= token <= INT32_MAX:
+            return f"logit_bias keys must be token ids (int >= 0), got {token!r}"
+        if not (_is_number(bias) and abs(bias) <= FLOAT32_MAX) and bias != -math.inf:
+            return (f"logit_bias values must be finite numbers within float32's range (or -inf to ban the token), "
+                    f"got {bias!r} for token {token}")
+    return None
+
+
 def _problems(c: GenerationConfig) -> Iterator[str]:
     checks = [
         _integer("max_tokens must be >= 0", c.max_tokens, 0, None),
@@ -186,6 +223,8 @@ def _problems(c: GenerationConfig) -> Iterator[str]:
         _integer("n_ubatch must be >= 1", c.n_ubatch, 1, 1 << 20),
         None if c.n_threads is None else _integer("n_threads must be >= 1", c.n_threads, 1, 512),
         _flag("use_mmap", c.use_mmap),
+        _logprobs(c.logprobs),
+        _logit_bias(c.logit_bias),
     ]
     return (message for message in checks if message)
 

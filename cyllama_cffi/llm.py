@@ -155,7 +155,8 @@ class LLM:
             return generation
         with generation:  # an exception (Ctrl-C) while joining ends it at once
             text = "".join(generation)
-        response = Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_path)
+        response = Response(text, generation.stats, generation.finish_reason or FinishReason.STOP, self.model_path,
+                            logprobs=generation.logprobs)
         if key is not None and response.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             cache.put(key, copy_response(response))  # a cancelled generation is cut short: not the answer
         return response
@@ -196,13 +197,15 @@ class LLM:
         if changed:
             raise ValueError(f"{', '.join(changed)} can only be set when the LLM is created")
         tokens = self._prompt_tokens(prompt, config)
+        if config.logit_bias:
+            self.vocab.check_tokens(config.logit_bias)  # ids the vocabulary lacks: ValueError now
         n_ctx = self._context_size(len(tokens), config)  # bad input is refused before anything changes
         self._claim()
         try:
             seq = self._sequence_for(n_ctx, config)
             seq.keep_prefix(tokens)  # decode only what the cache does not hold yet
             self._cancellation.begin()
-            progress = _generation.Progress()
+            progress = _generation.Progress(config.logprobs)
             n_ctx = min(seq.ctx.n_ctx, config.n_ctx or seq.ctx.n_ctx)  # llama.cpp may round n_ctx up
             make_sampler = functools.partial(build_sampler, config, self.vocab, n_ctx)
             steps = _generation.generate(seq, tokens, make_sampler, config.stop_sequences, config.max_tokens, n_ctx,

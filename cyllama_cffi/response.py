@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from ._logprobs import TokenLogprob
 
 __all__ = ["FinishReason", "GenerationStats", "Response"]
 
@@ -49,18 +52,22 @@ class GenerationStats:
 class Response:
     """Generated text plus ``stats``, ``finish_reason`` (a :class:`FinishReason`) and ``model``.
 
-    ``Response(text, stats=None, finish_reason="stop", model="")``: ``stats`` stays None when
-    not given (the LLM always gives them); ``model`` is the model path as given to the LLM.
+    ``Response(text, stats=None, finish_reason="stop", model="", logprobs=None)``: ``stats``
+    stays None when not given (the LLM always gives them); ``model`` is the model path as given
+    to the LLM. ``logprobs`` is a list with a :class:`~cyllama_cffi.TokenLogprob` per generated
+    token when the config asked for them (``GenerationConfig(logprobs=n)``), else None.
     """
 
-    __slots__ = ("text", "stats", "finish_reason", "model")
+    __slots__ = ("text", "stats", "finish_reason", "model", "logprobs")
 
     def __init__(self, text: str, stats: Optional[GenerationStats] = None,
-                 finish_reason: str = "stop", model: str = "") -> None:
+                 finish_reason: str = "stop", model: str = "",
+                 logprobs: Optional[List["TokenLogprob"]] = None) -> None:
         self.text = text
         self.stats = stats
         self.finish_reason = finish_reason
         self.model = model
+        self.logprobs = logprobs
 
     def __str__(self) -> str:
         return self.text
@@ -102,10 +109,16 @@ class Response:
         return self.text[index]
 
     def to_dict(self) -> Dict[str, Any]:
-        """``text``, ``finish_reason`` (a plain str) and ``model``, and ``stats`` when there are some."""
+        """``text``, ``finish_reason`` (a plain str) and ``model``; ``stats`` and ``logprobs`` when there are some.
+
+        ``logprobs`` is a list of dicts in the shape of OpenAI's chat ``logprobs.content``
+        (see :meth:`TokenLogprob.to_dict <cyllama_cffi.TokenLogprob.to_dict>`).
+        """
         data: Dict[str, Any] = {"text": self.text, "finish_reason": str(self.finish_reason), "model": self.model}
         if self.stats is not None:
             data["stats"] = self.stats.to_dict()
+        if self.logprobs is not None:
+            data["logprobs"] = [entry.to_dict() for entry in self.logprobs]
         return data
 
     def to_json(self, indent: Optional[int] = None, **kwargs: Any) -> str:

@@ -13,7 +13,9 @@ def build_sampler(config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> Ll
     """The chain a generation with ``config`` samples from, in a context of ``n_ctx`` positions.
 
     The order is cyllama's: penalties → DRY → min_p → top_k → top_p → temperature → a random
-    draw, after a grammar stage when ``config.grammar``/``json_schema`` asks for one. The grammar
+    draw, after a grammar stage when ``config.grammar``/``json_schema`` asks for one. A
+    ``config.logit_bias`` stage comes before everything, as in llama.cpp's own chain: every
+    later stage sees the biased logits, so a banned token (``-inf``) is never chosen. The grammar
     comes first, so every later stage sees only the tokens it allows and the token chosen is
     always one it allows; ``llama_sampler_sample`` then tells every stage, the grammar included,
     which token was chosen, which advances the grammar. (llama.cpp's own ``common_sampler``
@@ -34,6 +36,8 @@ def build_sampler(config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> Ll
 
 
 def _fill(sampler: LlamaSampler, config: GenerationConfig, vocab: LlamaVocab, n_ctx: int) -> None:
+    if config.logit_bias:
+        sampler.add_logit_bias(vocab.n_tokens, config.logit_bias)
     grammar = structured_grammar(config)
     if grammar is not None:
         sampler.add_grammar(vocab, grammar)

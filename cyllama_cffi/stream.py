@@ -18,6 +18,7 @@ from .response import FinishReason, GenerationStats
 if TYPE_CHECKING:
     from ._cancel import Cancellation
     from ._generation import Progress
+    from ._logprobs import TokenLogprob
 
 __all__ = ["Stream", "StreamState", "TokenCallback"]
 
@@ -38,7 +39,9 @@ class Stream(Iterator[str]):
     Made by ``LLM.stream()`` / ``llm(prompt, stream=True)``, not constructed directly.
     ``finish_reason`` (a :class:`FinishReason`) and ``stats`` are set when it ends; the LLM's
     ``last_finish_reason``/``last_stats`` show the same. ``generated`` lists the token ids
-    produced so far. ``on_token`` (if given) is called with each chunk before it is returned.
+    produced so far; with ``GenerationConfig(logprobs=n)``, ``logprobs`` has a
+    :class:`~cyllama_cffi.TokenLogprob` for each of them (None when not asked for). ``on_token``
+    (if given) is called with each chunk before it is returned.
     """
 
     def __init__(self, steps: Generator[str, None, FinishReason], progress: "Progress",
@@ -62,6 +65,12 @@ class Stream(Iterator[str]):
         """Token ids generated so far (the end-of-generation token is not included; the tokens of a
         matched stop sequence are)."""
         return self._progress.generated
+
+    @property
+    def logprobs(self) -> Optional[List["TokenLogprob"]]:
+        """One :class:`~cyllama_cffi.TokenLogprob` per token of ``generated``, growing as chunks are
+        yielded; None unless the config asked for ``logprobs``."""
+        return self._progress.logprobs
 
     def __iter__(self) -> "Stream":
         return self

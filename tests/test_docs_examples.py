@@ -213,6 +213,20 @@ def check_batching_detailed(out: str) -> None:
     found = lines(out)
     assert [line.split()[:2] for line in found] == [["1", "8"], ["2", "4"]]
 
+def check_logprobs(out: str) -> None:
+    found = lines(out)
+    assert len(found) == 7 and found[1].startswith("' Paris'") and "' Paris' 78%" in found[1], out
+
+
+def check_logprobs_stream(out: str) -> None:
+    assert lines(out)[-1] in ("cancelled True", "length True"), out
+
+
+def check_logit_bias(out: str) -> None:
+    found = lines(out)
+    assert found[0].startswith("' Paris") and "Paris" not in found[1] and found[2] == "' London London'", out
+
+
 EXPECTED: Dict[str, Callable[[str], None]] = {
     "timer": check_timer,
     "close-from-thread": check_close_from_thread,
@@ -244,6 +258,9 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "structured-json-schema": check_structured_json,
     "structured-gbnf": check_structured_gbnf,
     "structured-errors": check_structured_errors,
+    "logprobs": check_logprobs,
+    "logprobs-stream": check_logprobs_stream,
+    "logit-bias": check_logit_bias,
 }
 
 # Examples that need a real signal or a real server: their own tests below.

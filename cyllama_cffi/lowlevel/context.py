@@ -339,6 +339,29 @@ class LlamaContext(CHandle):
 
         return np.frombuffer(ffi.buffer(pointer, self._n_vocab * 4), dtype=np.float32)
 
+    def copy_logits(self, index: int, out: "np.ndarray") -> "np.ndarray":
+        """Copy the logits of batch row ``index`` into ``out`` (``n_vocab`` floats of any dtype) and return it.
+
+        Unlike :meth:`get_logits_ith`'s view, the copy is made holding the busy lock, so a
+        ``close()`` from another thread cannot free the row while it is read, and it stays
+        valid after the next decode. Copying into a float64 array converts in the same pass.
+        """
+        if not self.has_logits(index):
+            raise RuntimeError(f"no logits at batch index {index}: decode a batch with logits for that row first")
+        if out.shape != (self._n_vocab,):
+            raise ValueError(f"out must have shape ({self._n_vocab},), got {out.shape}")
+        import numpy as np
+
+        pointer = self._acquire()
+        try:
+            row = lib.llama_get_logits_ith(pointer, index)
+            if row == ffi.NULL:
+                raise RuntimeError(f"llama.cpp has no logits at index {index}")
+            np.copyto(out, np.frombuffer(ffi.buffer(row, self._n_vocab * 4), dtype=np.float32))
+        finally:
+            self._busy.release()
+        return out
+
     def get_embeddings(self, n_rows: int, n_embd: int) -> "np.ndarray":
         """A copy of the ``(n_rows, n_embd)`` per-token embeddings of the last decode, in batch order.
 

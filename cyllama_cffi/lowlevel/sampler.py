@@ -15,7 +15,7 @@ checks the chosen token against the grammar first and turns that dead end into a
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence
 
 from .._ffi import ffi, lib
 from ..errors import GrammarDeadEnd
@@ -32,6 +32,7 @@ DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
 # tokens, and a count per slot for DRY): a window of 2**31 makes llama.cpp's allocation throw
 # through C and end the process. No context is longer than this.
 MAX_LAST_N = 1 << 24
+_FLOAT32_MAX = 3.4028234663852886e38  # a larger bias would reach llama.cpp as inf
 
 
 class LlamaSampler(CHandle):
@@ -163,6 +164,24 @@ class LlamaSampler(CHandle):
         sampler = lib.llama_sampler_init_dry(vocab.ptr, multiplier, base, allowed_length, penalty_last_n,
                                              array, len(strings))
         return self._add("dry", sampler)
+
+    def add_logit_bias(self, n_vocab: int, biases: Mapping[int, float]) -> "LlamaSampler":
+        """Add ``biases[token]`` to each listed token's logit; ``-inf`` bans a token.
+
+        Put it first, so that every later stage sees the biased logits (llama.cpp's own chain
+        does). Token ids are checked against ``n_vocab``; a bias must be a finite number or
+        ``-inf`` (+inf or NaN would turn the probabilities into NaN).
+        """
+        tokens = list(biases)
+        check_token_ids(tokens, n_vocab)
+        for token, bias in biases.items():
+            number = isinstance(bias, (int, float)) and not isinstance(bias, bool)
+            if not number or not (bias == -math.inf or abs(bias) <= _FLOAT32_MAX):  # NaN fails both
+                raise ValueError(f"logit bias of token {token} must be a finite float32 number or -inf, got {bias!r}")
+        entries = ffi.new("llama_logit_bias[]", [(token, float(biases[token])) for token in tokens]) \
+            if tokens else ffi.NULL
+        # llama.cpp copies the entries while it makes the sampler.
+        return self._add("logit_bias", lib.llama_sampler_init_logit_bias(n_vocab, len(tokens), entries))
 
     def add_top_n_sigma(self, n: float) -> "LlamaSampler":
         """Keep the tokens whose logit is within ``n`` standard deviations of the largest (``n <= 0``: off)."""

@@ -25,6 +25,7 @@ class FakeStream:
         self.llm, self.prompt, self.max_tokens = llm, prompt, max_tokens
         self.stats = GenerationStats()
         self.finish_reason = None
+        self.logprobs = None  # as a Stream's without GenerationConfig(logprobs=n)
         self.count = 0
 
     def __iter__(self):

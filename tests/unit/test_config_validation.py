@@ -18,7 +18,7 @@ DEFAULTS = {
     "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "n_gpu_layers": -1, "main_gpu": 0,
     "split_mode": 1, "tensor_split": None, "n_ctx": None, "n_batch": 2048, "seed": 0xFFFFFFFF,
     "stop_sequences": [], "add_bos": True, "parse_special": True, "n_ubatch": 512, "n_threads": None,
-    "use_mmap": True, "grammar": None, "json_schema": None,
+    "use_mmap": True, "grammar": None, "json_schema": None, "logprobs": None, "logit_bias": None,
 }
 
 
@@ -120,6 +120,24 @@ INVALID = [
                               "column 11 (end of text)"),
     ("json_schema", {"type": "array", "uniqueItems": True},
      "json_schema: JSON schema keyword 'uniqueItems' at # is unsupported by the grammar converter"),
+    ("logprobs", 21, "logprobs must be between 0 and 20 (None or 0 = off), got 21"),
+    ("logprobs", -1, "logprobs must be between 0 and 20 (None or 0 = off), got -1"),
+    ("logprobs", True, "logprobs must be between 0 and 20 (None or 0 = off) (an int), got True"),
+    ("logprobs", 2.0, "logprobs must be between 0 and 20 (None or 0 = off) (an int), got 2.0"),
+    ("logit_bias", [(1, 5.0)], "logit_bias must be a dict of token id -> bias, or None, got [(1, 5.0)]"),
+    ("logit_bias", {"15": 5.0}, "logit_bias keys must be token ids (int >= 0), got '15'"),
+    ("logit_bias", {-1: 5.0}, "logit_bias keys must be token ids (int >= 0), got -1"),
+    ("logit_bias", {True: 5.0}, "logit_bias keys must be token ids (int >= 0), got True"),
+    ("logit_bias", {2**31: 5.0}, "logit_bias keys must be token ids (int >= 0), got 2147483648"),
+    ("logit_bias", {3: float("inf")},
+     "logit_bias values must be finite numbers within float32's range (or -inf to ban the token), got inf for token 3"),
+    ("logit_bias", {3: float("nan")},
+     "logit_bias values must be finite numbers within float32's range (or -inf to ban the token), got nan for token 3"),
+    ("logit_bias", {3: 1e39},
+     "logit_bias values must be finite numbers within float32's range (or -inf to ban the token), "
+     "got 1e+39 for token 3"),
+    ("logit_bias", {3: "5"},
+     "logit_bias values must be finite numbers within float32's range (or -inf to ban the token), got '5' for token 3"),
 ]
 
 
@@ -157,6 +175,8 @@ VALID_EDGES = [
     ("stop_sequences", ("a", "\n\n")), ("stop_sequences", [""]), ("add_bos", False), ("parse_special", False),
     ("n_threads", 1), ("n_threads", 512), ("use_mmap", False),
     ("grammar", 'root ::= "a"'), ("json_schema", {}), ("json_schema", {"type": "integer"}),
+    ("logprobs", None), ("logprobs", 0), ("logprobs", 1), ("logprobs", 20), ("logit_bias", None), ("logit_bias", {}),
+    ("logit_bias", {0: 100.0, 7: -float("inf"), 2**31 - 1: -3.4e38}),
 ]
 
 
@@ -224,3 +244,13 @@ def test_json_schema_may_be_a_pydantic_model_class():
 
     grammar = structured_grammar(GenerationConfig(json_schema=Point))
     assert '"\\"x\\""' in grammar.gbnf and '"\\"y\\""' in grammar.gbnf
+
+
+def test_logit_bias_is_kept_as_a_copy_of_ints_to_floats():
+    """The config holds its own dict: changing the caller's afterwards changes nothing, and an int
+    bias is the same float the sampler will get."""
+    given = {5: 2, 9: -float("inf")}
+    config = GenerationConfig(logit_bias=given)
+    given[5] = 100
+    assert config.logit_bias == {5: 2.0, 9: -float("inf")} and isinstance(config.logit_bias[5], float)
+    assert GenerationConfig(**config.to_dict()) == config

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from cyllama_cffi import ResponseCacheInfo
+from cyllama_cffi._logprobs import TokenLogprob, TopLogprob
 from cyllama_cffi._response_cache import ResponseCache, cache_key, copy_response, make_cache
 from cyllama_cffi.config import GenerationConfig
 from cyllama_cffi.response import GenerationStats, Response
@@ -126,12 +127,17 @@ def test_keys_change_with_every_output_setting_and_not_with_speed_settings():
                          ("repeat_penalty", 1.3), ("penalty_last_n", 8), ("frequency_penalty", 0.5),
                          ("presence_penalty", 0.5), ("mirostat", 2), ("mirostat_tau", 3.0), ("mirostat_eta", 0.3),
                          ("n_ctx", 512), ("seed", 8), ("add_bos", False), ("parse_special", False),
-                         ("stop_sequences", ["\n"])]:
+                         ("stop_sequences", ["\n"]), ("logprobs", 3), ("logit_bias", {5: 2.0}),
+                         ("logit_bias", {5: -float("inf")})]:
         assert cache_key("hi", base.replace(**{field: value})) != key, field
     for field, value in [("n_threads", 1), ("n_batch", 64), ("n_ubatch", 32), ("use_mmap", False)]:
         assert cache_key("hi", base.replace(**{field: value})) == key, field
     # the first stop sequence found ends the text, whatever the order they were given in
     assert cache_key("hi", base.replace(stop_sequences=["a", "b"])) == cache_key("hi", base.replace(stop_sequences=["b", "a"]))
+    biased = cache_key("hi", base.replace(logit_bias={5: 2.0, 9: -1.0}))
+    assert biased == cache_key("hi", base.replace(logit_bias={9: -1, 5: 2}))  # same biases, any order or number type
+    assert biased != cache_key("hi", base.replace(logit_bias={5: 2.0, 9: -1.5}))
+    assert cache_key("hi", base.replace(logit_bias={})) == key  # no bias at all
 
 
 def test_text_and_token_prompts_have_distinct_keys_and_iterators_none():
@@ -149,6 +155,16 @@ def test_copies_are_equal_but_independent():
     assert (copy.text, copy.stats, copy.finish_reason, copy.model) == ("hello", stats, "length", "m.gguf")
     copy.stats.generated_tokens = 99
     assert original.stats.generated_tokens == 2
+
+
+def test_copies_carry_their_own_list_of_logprobs():
+    entry = TokenLogprob(5, "hi", b"hi", -0.25, (TopLogprob(5, "hi", b"hi", -0.25),))
+    original = Response("hi", GenerationStats(), "stop", "m.gguf", logprobs=[entry])
+    copy = copy_response(original)
+    assert copy.logprobs == [entry] and copy.logprobs is not original.logprobs
+    copy.logprobs.clear()
+    assert original.logprobs == [entry]
+    assert copy_response(Response("hi", GenerationStats())).logprobs is None
 
 
 @pytest.fixture
