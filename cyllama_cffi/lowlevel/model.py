@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from .._ffi import ffi, lib
 from ._handle import CHandle
 from .._logging import get_logger
 from ..errors import LoadCancelled, ModelLoadError
-from .._gguf_check import check_model_path
+from .._gguf_check import check_model_path, inspect_gguf
 from .._huge_pages import HugePageAdvisor, supported as huge_pages_supported
 
 
@@ -122,6 +122,7 @@ class LlamaModel(CHandle):
         self.use_mmap = use_mmap
         self.huge_page_bytes: int = state.huge_page_bytes
         self._vocab: Any = None
+        self._tensor_dims: Optional[Dict[str, Tuple[int, ...]]] = None
 
     # -- properties -------------------------------------------------------
     @property
@@ -171,6 +172,19 @@ class LlamaModel(CHandle):
             result[key] = _read_string(
                 lambda buf, size: lib.llama_model_meta_val_str_by_index(pointer, index, buf, size))
         return result
+
+    def tensor_dims(self) -> Optional[Dict[str, Tuple[int, ...]]]:
+        """Each tensor's ggml dims as the file declares them (read once); None for a split model.
+
+        A split model's tensors live in several files; only the first was checked here.
+        """
+        if self._tensor_dims is None:
+            info = inspect_gguf(self.path, semantics=False)
+            split = info.metadata.get("split.count")
+            if split is not None and isinstance(split[1], int) and split[1] > 1:
+                return None
+            self._tensor_dims = {tensor.name: tensor.dims for tensor in info.tensors}
+        return self._tensor_dims
 
     def meta(self, key: str) -> Optional[str]:
         """One metadata value, or None."""
