@@ -11,14 +11,15 @@ context first. The finalizers run newest first at exit, after every context was 
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from .._ffi import ffi, lib
 from .._lora_check import check_lora_path
 from ..errors import ModelLoadError
 from ._handle import CHandle
-from .model import LlamaModel, _read_string
+from .model import AdapterRegistry, LlamaModel, _read_string
 
 
 class LoraAdapter(CHandle):
@@ -36,11 +37,15 @@ class LoraAdapter(CHandle):
         model_ptr = model.ptr  # ClosedError before anything else
         arch = model.meta("general.architecture") or ""
         self.path, info = check_lora_path(path, arch, model.tensor_dims())
-        pointer = lib.llama_adapter_lora_init(model_ptr, os.fsencode(str(self.path)))
+        registry = model.adapters
+        with registry.lock:
+            pointer = lib.llama_adapter_lora_init(model_ptr, os.fsencode(str(self.path)))
+            if pointer != ffi.NULL:
+                registry.addresses.add(_address(pointer))
         if pointer == ffi.NULL:
             raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {self.path} "
                                  "(see the cyllama_cffi.llama log)")
-        super().__init__(pointer, lib.llama_adapter_lora_free)
+        super().__init__(pointer, functools.partial(_free_adapter, registry=registry))
         self._depend_on(model)
         self.model = model
         self.alpha: float = info.alpha  # 0.0: no alpha, the scale applies as given
@@ -66,6 +71,19 @@ class LoraAdapter(CHandle):
 
     def __repr__(self) -> str:
         return f"<LoraAdapter {self.path.name}{' closed' if self.closed else ''}>"
+
+
+def _address(pointer: Any) -> int:
+    return int(ffi.cast("uintptr_t", pointer))
+
+
+def _free_adapter(pointer: Any, registry: AdapterRegistry) -> None:
+    """Free the adapter unless its model already did (see ``AdapterRegistry``)."""
+    with registry.lock:
+        address = _address(pointer)
+        if address in registry.addresses:
+            registry.addresses.discard(address)
+            lib.llama_adapter_lora_free(pointer)
 
 
 def adapter_key(adapter: LoraAdapter) -> Tuple[str, int]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from .._ffi import ffi, lib
 from ._handle import CHandle
@@ -48,6 +49,26 @@ def cyl_py_progress(progress: float, user_data: Any) -> bool:
             state.error = error
             return False
     return True
+
+
+class AdapterRegistry:
+    """The LoRA adapters llama.cpp would free with the model, shared by the model's and their finalizers.
+
+    ``llama_model_free`` deletes every adapter still registered with the model. Normally the
+    adapters are closed first (they are the model's dependents), but the garbage collector
+    may finalize a cycle holding both in any order: whichever finalizer runs second must
+    then know whether the adapter is already gone.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.addresses: Set[int] = set()
+
+
+def _free_model(pointer: Any, adapters: AdapterRegistry) -> None:
+    with adapters.lock:
+        adapters.addresses.clear()  # llama_model_free deletes them
+        lib.llama_model_free(pointer)
 
 
 class LlamaModel(CHandle):
@@ -117,7 +138,8 @@ class LlamaModel(CHandle):
             if state.cancelled:
                 raise LoadCancelled(f"loading {self.path} was cancelled")
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the cyllama_cffi.llama log)")
-        super().__init__(pointer, lib.llama_model_free)
+        self.adapters = AdapterRegistry()
+        super().__init__(pointer, functools.partial(_free_model, adapters=self.adapters))
         self.vocab_only = vocab_only
         self.use_mmap = use_mmap
         self.huge_page_bytes: int = state.huge_page_bytes
