@@ -234,18 +234,19 @@ def random_lora(targets: Sequence[str], rank: int = 2, seed: int = 7, std: float
 
 def write_tiny_lora(path: Union[str, Path], pairs: Mapping[str, LoraPair], alpha: Optional[float] = None,
                     arch: str = ARCH, extra: Optional[Callable[[Any], None]] = None,
-                    general_type: str = "adapter", adapter_type: str = "lora") -> Path:
+                    general_type: Optional[str] = "adapter", adapter_type: str = "lora") -> Path:
     """Write a LoRA adapter GGUF laid out as llama.cpp's ``convert_lora_to_gguf.py`` does.
 
     ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (left
     out when None), tensors ``<name>.lora_a`` / ``<name>.lora_b``. ``extra(writer)`` may add
-    keys or tensors.
+    keys or tensors; ``general_type=None`` leaves that key to it.
     """
     import gguf
 
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_string("general.type", general_type)
+    if general_type is not None:
+        writer.add_string("general.type", general_type)
     writer.add_string("adapter.type", adapter_type)
     if alpha is not None:
         writer.add_float32("adapter.lora.alpha", alpha)
