@@ -213,7 +213,12 @@ def check_batching_detailed(out: str) -> None:
     found = lines(out)
     assert [line.split()[:2] for line in found] == [["1", "8"], ["2", "4"]]
 
+def check_lora(out: str) -> None:
+    assert lines(out) == ["True True True", "refused: InvalidGGUFError True []"]
+
+
 EXPECTED: Dict[str, Callable[[str], None]] = {
+    "lora": check_lora,
     "timer": check_timer,
     "close-from-thread": check_close_from_thread,
     "context": check_context,
