@@ -410,3 +410,28 @@ def test_mutated_adapters_never_crash(files, worker, header_only, mutations):
                if mutant[offset] != original[offset]]
     outcome = worker.run_one(lora_case(f"{mutations}", files.base, files.a, patches))
     assert outcome.is_clean(), describe([outcome])
+
+
+# -- the other entry points ------------------------------------------------------------------------------
+
+def test_async_llm_and_the_one_shot_helpers_take_adapters(files):
+    import asyncio
+
+    from cyllama_cffi import AsyncLLM, complete
+
+    with make_llm(files.merged(scale_a=1.0)) as merged, make_llm(files.base) as base:
+        expected, plain = greedy(merged), greedy(base)
+    assert complete(PROMPT, files.base, temperature=0.0, max_tokens=8, n_threads=1, lora=files.a).text == expected
+
+    async def main() -> None:
+        async with AsyncLLM(files.base, temperature=0.0, max_tokens=8, n_threads=1, lora={files.a: 1.0}) as llm:
+            assert (await llm(PROMPT)).text == expected
+            await llm.set_lora(None)
+            assert (await llm(PROMPT)).text == plain
+            with pytest.raises(InvalidGGUFError, match="not a LoRA adapter"):
+                await llm.set_lora(files.base)
+            assert (await llm(PROMPT)).text == plain
+        with pytest.raises(ValueError, match="finite"):
+            AsyncLLM(files.base, lora={files.a: float("nan")})
+
+    asyncio.run(main())
