@@ -472,7 +472,7 @@ class LLM:
         model = self.model
         identity: Dict[str, Any] = {"n_vocab": len(self.vocab), "n_embd": model.n_embd, "n_layer": model.n_layer,
                                     "n_params": model.n_params, "size": model.size, "desc": model.description}
-        active = [[adapter.path.name, adapter.path.stat().st_size, scale] for adapter, scale in self._lora if scale]
+        active = [[adapter.path.name, adapter.file_size, scale] for adapter, scale in self._lora if scale]
         if active:  # the cache was computed with them: a state is for the same adapters only
             identity["lora"] = active
         return identity

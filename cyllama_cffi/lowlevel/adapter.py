@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 from .._ffi import ffi, lib
 from .._lora_check import check_lora_path
@@ -50,6 +50,7 @@ class LoraAdapter(CHandle):
         self.model = model
         self.alpha: float = info.alpha  # 0.0: no alpha, the scale applies as given
         self.n_pairs: int = info.n_pairs  # how many model tensors it changes
+        self.file_size: int = self.path.stat().st_size  # with the name, what a saved state records
 
     @property
     def metadata(self) -> Dict[str, str]:
@@ -84,8 +85,3 @@ def _free_adapter(pointer: Any, registry: AdapterRegistry) -> None:
         if address in registry.addresses:
             registry.addresses.discard(address)
             lib.llama_adapter_lora_free(pointer)
-
-
-def adapter_key(adapter: LoraAdapter) -> Tuple[str, int]:
-    """What identifies an adapter's file: its real path and size (for reuse and saved states)."""
-    return str(adapter.path.resolve()), adapter.path.stat().st_size
