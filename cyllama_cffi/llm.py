@@ -418,6 +418,12 @@ class LLM:
             raise TypeError(f"load_state takes bytes or a path, got {type(source).__name__}")
         saved = _state_format.decode(data)
         identity = self._identity()
+        saved_identity = saved.header["model"]
+        if isinstance(saved_identity, dict) and saved_identity != identity and \
+                {k: v for k, v in saved_identity.items() if k != "lora"} == \
+                {k: v for k, v in identity.items() if k != "lora"}:
+            raise StateError(f"the saved state was computed with other LoRA adapters "
+                             f"({saved_identity.get('lora', 'none')}) than this LLM's ({identity.get('lora', 'none')})")
         if saved.header["model"] != identity:
             raise StateError(f"the saved state is from another model ({saved.header['model']}), "
                              f"not this one ({identity})")

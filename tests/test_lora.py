@@ -187,8 +187,11 @@ def test_a_saved_state_is_for_the_same_adapters_only(files):
         greedy(llm)
         state = llm.save_state()
     with make_llm(files.base) as plain:
-        with pytest.raises(StateError, match="another model"):
+        with pytest.raises(StateError, match="other LoRA adapters"):
             plain.load_state(state)
+    with make_llm(files.base, lora=[(files.a, 0.5)]) as other_scale:
+        with pytest.raises(StateError, match="other LoRA adapters"):
+            other_scale.load_state(state)
     with make_llm(files.base, lora=[(files.a, 1.0)]) as llm:
         llm.load_state(state)
 
