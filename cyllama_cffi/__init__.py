@@ -5,7 +5,7 @@ High level: :class:`LLM` generates from a :class:`GenerationConfig`, returning a
 ``llm.chat(messages)`` renders the model's chat template first. ``complete``, ``chat`` and
 ``simple`` (from :mod:`cyllama_cffi.api`) do one call with a model loaded for it. Low level
 (:mod:`cyllama_cffi.lowlevel`): ``LlamaModel``, ``LlamaVocab``, ``LlamaContext``,
-``LlamaBatch``, ``LlamaSampler``, each owning one C handle. ``ffi``/``lib`` expose all of
+``LlamaBatch``, ``LlamaSampler``, ``LoraAdapter``, each owning one C handle. ``ffi``/``lib`` expose all of
 ``llama.h`` for anything not wrapped.
 
 Names are imported on first use, so that ``import cyllama_cffi`` is quick and the pure-Python
@@ -38,7 +38,7 @@ _EXPORTS: Dict[str, str] = {
     "estimate_gpu_layers": "memory", "estimate_memory_usage": "memory",
     "default_model_path": "models",
     "LlamaModel": "lowlevel", "LlamaVocab": "lowlevel", "LlamaContext": "lowlevel",
-    "LlamaBatch": "lowlevel", "LlamaSampler": "lowlevel",
+    "LlamaBatch": "lowlevel", "LlamaSampler": "lowlevel", "LoraAdapter": "lowlevel",
     "LlamaError": "errors", "ClosedError": "errors", "ModelLoadError": "errors", "InvalidGGUFError": "errors",
     "LoadCancelled": "errors", "ModelFetchError": "errors", "DecodeError": "errors",
     "ContextFullError": "errors", "DecodeAborted": "errors", "ContextBusyError": "errors",
@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
                          ModelFetchError, ModelLoadError, StateError)
     from .grammar import Grammar
     from .llm import LLM
-    from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab
+    from .lowlevel import LlamaBatch, LlamaContext, LlamaModel, LlamaSampler, LlamaVocab, LoraAdapter
     from .memory import estimate_gpu_layers, estimate_memory_usage
     from .models import default_model_path
     from .response import FinishReason, GenerationStats, Response

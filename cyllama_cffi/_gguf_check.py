@@ -13,7 +13,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Dict, NamedTuple, Tuple, Union
+from typing import Dict, List, NamedTuple, Tuple, Union
 
 from .errors import InvalidGGUFError
 
@@ -37,6 +37,27 @@ class _Array(NamedTuple):
     element_type: int
     count: int
     start: int
+
+
+class TensorInfo(NamedTuple):
+    """One tensor descriptor: name, ggml dims (``ne[0]`` first), ggml type, data offset."""
+
+    name: str
+    dims: Tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+class GGUFInfo(NamedTuple):
+    """What :func:`inspect_gguf` read: the summary, the metadata and the tensor descriptors.
+
+    ``metadata`` maps each key to ``(value type, value)``: scalars as Python values, strings as
+    bytes; array values only say their element type and length (their data is not kept).
+    """
+
+    summary: Dict[str, object]
+    metadata: Dict[str, Tuple[int, object]]
+    tensors: List[TensorInfo]
 
 
 class _Reader:
@@ -134,6 +155,15 @@ def check_gguf(path: Union[str, os.PathLike]) -> Dict[str, object]:
     Returns a small summary (version, tensor and key counts). Callers should
     check existence and type first to give ``FileNotFoundError`` and friends.
     """
+    return inspect_gguf(path).summary
+
+
+def inspect_gguf(path: Union[str, os.PathLike], semantics: bool = True) -> GGUFInfo:
+    """``check_gguf``, returning the metadata and tensor descriptors it read as well.
+
+    ``semantics=False`` skips the model-value rules of ``_gguf_semantics`` (for a file that
+    only the tensor shapes are wanted from, such as a model an adapter is checked against).
+    """
     display = str(path)
     size = Path(path).stat().st_size
     if size < 24:
@@ -141,12 +171,12 @@ def check_gguf(path: Union[str, os.PathLike]) -> Dict[str, object]:
     with open(path, "rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            return _check(_Reader(mapped, display))
+            return _check(_Reader(mapped, display), semantics)
         finally:
             mapped.close()
 
 
-def _check(reader: _Reader) -> Dict[str, object]:
+def _check(reader: _Reader, semantics: bool) -> GGUFInfo:
     magic = bytes(reader.data[0:4])
     if magic != GGUF_MAGIC:
         raise InvalidGGUFError(f"{reader.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
@@ -199,7 +229,7 @@ def _check(reader: _Reader) -> Dict[str, object]:
             raise reader.fail(f"tensor {name} has a negative dimension {dims}")
         ggml_type = reader.scalar("I", f"type of {name}")
         offset = reader.scalar("Q", f"offset of {name}")
-        tensors.append((name, dims, ggml_type, offset))
+        tensors.append(TensorInfo(name, dims, ggml_type, offset))
 
     data_start = -(-reader.pos // alignment) * alignment
     data_size = reader.size - data_start
@@ -217,10 +247,12 @@ def _check(reader: _Reader) -> Dict[str, object]:
         if offset + nbytes > data_size:
             raise reader.fail(f"tensor {name} needs bytes {offset}..{offset + nbytes} "
                               f"but the data section holds {data_size}")
-    from ._gguf_semantics import check_metadata  # what llama.cpp asserts on, beyond the structure
+    if semantics:
+        from ._gguf_semantics import check_metadata  # what llama.cpp asserts on, beyond the structure
 
-    check_metadata(reader.data, metadata, lambda what: InvalidGGUFError(f"{reader.path}: {what}"))
-    return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": alignment}
+        check_metadata(reader.data, metadata, lambda what: InvalidGGUFError(f"{reader.path}: {what}"))
+    summary: Dict[str, object] = {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "alignment": alignment}
+    return GGUFInfo(summary, metadata, tensors)
 
 
 def check_model_path(path: Union[str, os.PathLike]) -> Path:

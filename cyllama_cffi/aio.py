@@ -25,6 +25,7 @@ import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, List, Mapping, Optional, Sequence, Union
 
+from ._lora import parse_lora
 from .config import GenerationConfig
 from .errors import ClosedError
 from .response import FinishReason, GenerationStats, Response
@@ -213,14 +214,15 @@ class AsyncLLM:
     """
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
-                 verbose: bool = False, **overrides: Any) -> None:
+                 verbose: bool = False, lora: Any = None, **overrides: Any) -> None:
         base = config if config is not None else GenerationConfig()
         if not isinstance(base, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(base).__name__}")
         self._config = base.replace(**overrides)
+        parse_lora(lora)  # a bad form raises here; a bad file when the model has loaded
         self._model_path = str(Path(os.fspath(model_path)).expanduser())  # what LLM.model_path will say
         self._worker = _Worker()
-        self._loading = self._worker.loading = self._worker.submit(_load(model_path, self._config, verbose))
+        self._loading = self._worker.loading = self._worker.submit(_load(model_path, self._config, verbose, lora))
         self._lock: Optional[asyncio.Lock] = None
         self._lock_loop: Optional[asyncio.AbstractEventLoop] = None
         self._current: Optional[_Call] = None  # the call whose turn it is
@@ -290,6 +292,12 @@ class AsyncLLM:
     def get_chat_template(self, template_name: Optional[str] = None) -> str:
         """The model's chat template (``""`` if none); waits for the model if it is still loading."""
         return self._loading.result().get_chat_template(template_name)
+
+    async def set_lora(self, lora: Any) -> None:
+        """:meth:`LLM.set_lora <cyllama_cffi.LLM.set_lora>`, in turn with the calls before it."""
+        parse_lora(lora)
+        llm = await self._llm()
+        await self._run(_Call(lambda: llm.set_lora(lora)))
 
     # -- lifetime ---------------------------------------------------------------------------------
     async def reset_context(self) -> None:
@@ -426,11 +434,11 @@ class AsyncLLM:
             self._end_turn(generation)
 
 
-def _load(model_path: Any, config: GenerationConfig, verbose: bool) -> Callable[[], Any]:
+def _load(model_path: Any, config: GenerationConfig, verbose: bool, lora: Any = None) -> Callable[[], Any]:
     def load() -> Any:
         from .llm import LLM  # here: importing the package stays free of the compiled module
 
-        return LLM(model_path, config=config, verbose=verbose)
+        return LLM(model_path, config=config, verbose=verbose, lora=lora)
 
     return load
 

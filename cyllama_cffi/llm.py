@@ -13,17 +13,19 @@ import functools
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _generation
 from ._cancel import Cancellation
 from ._logging import set_verbose
+from ._lora import LoraSpec, parse_lora
 from ._response_cache import ResponseCacheInfo, cache_key, copy_response, make_cache
 from ._sequence import KVSequence
 from .chat_template import apply_chat_template, get_chat_template
 from .config import GenerationConfig
 from . import _state_format
 from .errors import ClosedError, LLMBusyError, StateError
+from .lowlevel.adapter import LoraAdapter
 from .lowlevel.batch import LlamaBatch
 from .lowlevel.context import LlamaContext, usable_cores
 from .lowlevel.model import LlamaModel, ProgressCallback
@@ -62,6 +64,10 @@ class LLM:
     After each generation, ``last_stats``, ``last_finish_reason`` and ``last_finished_at`` (the
     ``time.perf_counter()`` at its end) describe it.
 
+    ``lora`` applies LoRA adapters to every generation: a path (scale 1.0), a ``{path: scale}``
+    mapping, or a list of paths and ``(path, scale)`` pairs; :meth:`set_lora` changes them
+    later. See ``docs/lora.md``.
+
     ``close()`` (and ``reset_context()``) free the context and leave the model loaded, as in
     cyllama: the next call makes a new context. Leaving a ``with LLM(...)`` block frees the
     model as well, at once; the LLM then raises ``ClosedError``.
@@ -69,8 +75,10 @@ class LLM:
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]"], config: Optional[GenerationConfig] = None,
                  verbose: bool = False, cache_size: int = 0, cache_ttl: Optional[float] = None,
-                 progress_callback: Optional[ProgressCallback] = None, **overrides: Any) -> None:
+                 progress_callback: Optional[ProgressCallback] = None, lora: LoraSpec = None,
+                 **overrides: Any) -> None:
         self._response_cache = make_cache(cache_size, cache_ttl)  # bad values fail before the model loads
+        lora_spec = parse_lora(lora)
         base = config if config is not None else GenerationConfig()
         if not isinstance(base, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(base).__name__}")
@@ -82,6 +90,13 @@ class LLM:
         self.model = LlamaModel(model_path, n_gpu_layers=cfg.n_gpu_layers, main_gpu=cfg.main_gpu,
                                 split_mode=cfg.split_mode, tensor_split=cfg.tensor_split, use_mmap=cfg.use_mmap,
                                 progress_callback=progress_callback)
+        self._lora: Tuple[Tuple[LoraAdapter, float], ...] = ()
+        if lora_spec:
+            try:
+                self._lora = self._load_lora(lora_spec)
+            except BaseException:
+                self.model.close()  # the LLM is not made: free its model now, not at collection
+                raise
         self.model_path = os.fsdecode(model_path)  # as given; Response.model carries it
         self.vocab = self.model.vocab
         self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
@@ -319,6 +334,56 @@ class LLM:
                                                  n_threads=self.config.n_threads)
         return embedder.embed(texts, pooling=pooling, normalize=normalize, truncate=truncate)
 
+    # -- LoRA adapters -----------------------------------------------------------------------
+    @property
+    def lora(self) -> List[Tuple[str, float]]:
+        """The LoRA adapters applied to generations: ``(path, scale)`` pairs, in the order given."""
+        return [(str(adapter.path), scale) for adapter, scale in self._lora]
+
+    def set_lora(self, lora: LoraSpec) -> None:
+        """Replace the LoRA adapters (same forms as ``LLM(lora=...)``); ``None`` or ``[]`` removes them.
+
+        A file already loaded is reused, so changing only scales reads nothing. When the
+        adapters that act (scale not 0) change, the KV cache and the response cache are
+        emptied, since they hold results of the old ones. A bad adapter raises (as
+        ``LLM(lora=...)`` does) and changes nothing. Raises :class:`LLMBusyError` while a
+        stream of this LLM is not finished.
+        """
+        spec = parse_lora(lora)
+        self._claim_idle("set_lora")
+        try:
+            old = self._lora
+            new = self._load_lora(spec)
+            try:
+                if self._seq is not None:
+                    if _acting(old) != _acting(new):
+                        self._seq.clear()
+                    self._seq.ctx.set_lora_adapters(new)
+            except BaseException:
+                _close_unused(new, old)
+                raise
+            self._lora = new
+            if _acting(old) != _acting(new) and self._response_cache is not None:
+                self._response_cache.clear()
+            _close_unused(old, new)
+        finally:
+            self._starting = None
+
+    def _load_lora(self, spec: List[Tuple[Any, float]]) -> Tuple[Tuple[LoraAdapter, float], ...]:
+        """Adapters for ``spec``, reusing the loaded ones; on failure the ones loaded here are freed."""
+        loaded = {os.path.realpath(adapter.path): adapter for adapter, _ in self._lora}
+        result: List[Tuple[LoraAdapter, float]] = []
+        try:
+            for path, scale in spec:
+                adapter = loaded.get(os.path.realpath(path))
+                if adapter is None:
+                    adapter = LoraAdapter(self.model, path)
+                result.append((adapter, scale))
+        except BaseException:
+            _close_unused(tuple(result), self._lora)
+            raise
+        return tuple(result)
+
     # -- saved state ------------------------------------------------------------------------
     def save_state(self, path: Optional[Union[str, "os.PathLike[str]"]] = None) -> bytes:
         """The KV cache of this LLM's sequence and its token record, as bytes; written to ``path`` if given.
@@ -362,6 +427,12 @@ class LLM:
             raise TypeError(f"load_state takes bytes or a path, got {type(source).__name__}")
         saved = _state_format.decode(data)
         identity = self._identity()
+        saved_identity = saved.header["model"]
+        if isinstance(saved_identity, dict) and saved_identity != identity and \
+                {k: v for k, v in saved_identity.items() if k != "lora"} == \
+                {k: v for k, v in identity.items() if k != "lora"}:
+            raise StateError(f"the saved state was computed with other LoRA adapters "
+                             f"({saved_identity.get('lora', 'none')}) than this LLM's ({identity.get('lora', 'none')})")
         if saved.header["model"] != identity:
             raise StateError(f"the saved state is from another model ({saved.header['model']}), "
                              f"not this one ({identity})")
@@ -414,8 +485,12 @@ class LLM:
     def _identity(self) -> Dict[str, Any]:
         """What a saved state must match: the model's shape and size, not its file name."""
         model = self.model
-        return {"n_vocab": len(self.vocab), "n_embd": model.n_embd, "n_layer": model.n_layer,
-                "n_params": model.n_params, "size": model.size, "desc": model.description}
+        identity: Dict[str, Any] = {"n_vocab": len(self.vocab), "n_embd": model.n_embd, "n_layer": model.n_layer,
+                                    "n_params": model.n_params, "size": model.size, "desc": model.description}
+        active = [[adapter.path.name, adapter.file_size, scale] for adapter, scale in self._lora if scale]
+        if active:  # the cache was computed with them: a state is for the same adapters only
+            identity["lora"] = active
+        return identity
 
     def _claim_idle(self, what: str) -> None:
         """Take the context for ``what`` (not a generation): refused while a stream is not finished."""
@@ -502,6 +577,8 @@ class LLM:
             ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
                                n_threads=n_threads)
             ctx.watch_sigint(self._sigint_watchers > 0)
+            if self._lora:
+                ctx.set_lora_adapters(self._lora)
             seq = self._seq = KVSequence(ctx, LlamaBatch(ctx.n_batch))
             self._ctx_key = key
             self._cancellation.attach(ctx)
@@ -558,6 +635,8 @@ class LLM:
             self.close()
         finally:
             self._released = True
+            for adapter, _ in self._lora:
+                adapter.close()  # before the model, which would free them itself
             self.model.close()
 
     def __enter__(self) -> "LLM":
@@ -569,3 +648,16 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"<LLM {self.model_name}{' closed' if self._released else ''}>"
+
+
+def _acting(adapters: Sequence[Tuple[LoraAdapter, float]]) -> Any:
+    """What changes the model's output: the adapters with a scale that is not 0, and their scales."""
+    return {(id(adapter), scale) for adapter, scale in adapters if scale}
+
+
+def _close_unused(adapters: Sequence[Tuple[LoraAdapter, float]], kept: Sequence[Tuple[LoraAdapter, float]]) -> None:
+    """Free the adapters of ``adapters`` that ``kept`` does not hold."""
+    keep = {id(adapter) for adapter, _ in kept}
+    for adapter, _ in adapters:
+        if id(adapter) not in keep:
+            adapter.close()

@@ -58,6 +58,7 @@ class Case(NamedTuple):
               # "api": "name::model" runs tests/robustness_cases.py's CASES[name]
               # "grammar": "name::argument" runs tests/grammar_cases.py's CASES[name]
               # "state": "model::listing" loads each saved state listed (tests/state_cases.py)
+              # "lora": a LoRA adapter (or a mutant of one) set on a model, see probe_lora
     arg: str
 
 
@@ -275,6 +276,60 @@ def mutant_case(case_id: str, base: Any, patches: Iterable = (), truncate: Optio
     return Case(case_id, "mutate", arg)
 
 
+def probe_lora(arg: str) -> str:
+    """Set a LoRA adapter on a live LLM and generate; after a refusal the LLM must still generate.
+
+    ``arg`` is JSON: ``{"model": path, "adapter": path, "patches": [[offset, hex], ...],
+    "truncate": n or null, "unchecked": bool}``; ``unchecked`` switches the adapter's Python
+    check off, only to prove that a rule of it prevents a real crash.
+    """
+    spec = json.loads(arg)
+    data = bytearray(Path(spec["adapter"]).read_bytes())
+    for offset, patch in spec.get("patches", ()):
+        raw = bytes.fromhex(patch)
+        data[offset:offset + len(raw)] = raw
+    if spec.get("truncate") is not None:
+        del data[spec["truncate"]:]
+    scratch = os.environ.get("CYLLAMA_WORKER_SCRATCH") or tempfile.gettempdir()
+    target = Path(scratch) / f"adapter-{os.getpid()}.gguf"
+    target.write_bytes(bytes(data))
+
+    import cyllama_cffi.lowlevel.adapter as adapter_module
+    from cyllama_cffi import LLM
+    from cyllama_cffi._lora_check import LoraFileInfo
+
+    saved = adapter_module.check_lora_path
+    if spec.get("unchecked"):
+        adapter_module.check_lora_path = lambda path, arch, tensors: (Path(os.fspath(path)), LoraFileInfo(0.0, 0))
+    llm = LLM(spec["model"], temperature=0.0, max_tokens=3, n_threads=1)
+    try:
+        before = llm("the cat sat").text
+        try:
+            llm.set_lora([(str(target), 1.0)])
+        except Exception:
+            if llm.lora or llm("the cat sat").text != before:
+                raise AssertionError("a refused adapter changed the LLM") from None
+            raise
+        response = llm("the cat sat")
+        llm.set_lora(None)
+        if llm("the cat sat").text != before:
+            raise AssertionError("removing the adapter did not restore the base output")
+        return f"{response.finish_reason}:{response.stats.generated_tokens}"
+    finally:
+        adapter_module.check_lora_path = saved
+        llm.close()
+        llm.model.close()
+        target.unlink()
+
+
+def lora_case(case_id: str, model: Any, adapter: Any, patches: Iterable = (), truncate: Optional[int] = None,
+              unchecked: bool = False) -> Case:
+    """A ``lora`` case: ``patches`` are (offset, bytes) pairs applied to the adapter file."""
+    arg = json.dumps({"model": str(model), "adapter": str(adapter), "truncate": truncate, "unchecked": unchecked,
+                      "patches": [[offset, bytes(raw).hex()] for offset, raw in patches]})
+    return Case(case_id, "lora", arg)
+
+
 def run_api_case(arg: str) -> Any:
     """``arg`` is ``name::model_path``: one function of tests/robustness_cases.py."""
     sys.path.insert(0, str(HERE))
@@ -305,7 +360,7 @@ def run_state_case(arg: str) -> Any:
 
 OPS: Dict[str, Callable[[str], Any]] = {"file": probe_file, "file_unchecked": probe_file_unchecked,
                                         "mutate": probe_mutant, "api": run_api_case, "grammar": run_grammar_case,
-                                        "state": run_state_case}
+                                        "state": run_state_case, "lora": probe_lora}
 
 
 def _serve() -> None:

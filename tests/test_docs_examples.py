@@ -227,7 +227,12 @@ def check_logit_bias(out: str) -> None:
     assert found[0].startswith("' Paris") and "Paris" not in found[1] and found[2] == "' London London'", out
 
 
+def check_lora(out: str) -> None:
+    assert lines(out) == ["True True True", "refused: InvalidGGUFError True []"]
+
+
 EXPECTED: Dict[str, Callable[[str], None]] = {
+    "lora": check_lora,
     "timer": check_timer,
     "close-from-thread": check_close_from_thread,
     "context": check_context,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -120,10 +120,12 @@ def _add_vocabulary(writer, spec: TinySpec) -> int:
 
 
 def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None,
-                     extra: Optional[Callable[[Any], None]] = None) -> Path:
+                     extra: Optional[Callable[[Any], None]] = None,
+                     deltas: Optional[Mapping[str, np.ndarray]] = None) -> Path:
     """Write a loadable, decodable tiny llama model to ``path`` and return the path.
 
     ``extra(writer)`` may add metadata keys (``writer.add_uint32(key, value)``...).
+    ``deltas`` are added to the named weights (numpy shapes): a LoRA adapter merged in.
     """
     spec = spec or TinySpec()
     import gguf  # imported here so importing this module never needs gguf
@@ -157,27 +159,121 @@ def write_tiny_llama(path: Union[str, Path], spec: Optional[TinySpec] = None,
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * spec.std).astype(np.float32)
 
-    kv_dim = head_dim * spec.n_head_kv
+    def add(name: str, array: np.ndarray) -> None:
+        if deltas and name in deltas:
+            array = (array.astype(np.float64) + deltas[name]).astype(np.float32)
+        writer.add_tensor(name, array)
+
     # numpy shapes are (rows, cols) = ggml's (ne1, ne0) reversed
-    writer.add_tensor("token_embd.weight", weight(n_vocab, spec.n_embd))
-    writer.add_tensor("output_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
-    writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd))
-    for layer in range(spec.n_layer):
-        prefix = f"blk.{layer}."
-        writer.add_tensor(prefix + "attn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
-        writer.add_tensor(prefix + "attn_q.weight", weight(spec.n_embd, spec.n_embd))
-        writer.add_tensor(prefix + "attn_k.weight", weight(kv_dim, spec.n_embd))
-        writer.add_tensor(prefix + "attn_v.weight", weight(kv_dim, spec.n_embd))
-        writer.add_tensor(prefix + "attn_output.weight", weight(spec.n_embd, spec.n_embd))
-        writer.add_tensor(prefix + "ffn_norm.weight", np.ones(spec.n_embd, dtype=np.float32))
-        writer.add_tensor(prefix + "ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
-        writer.add_tensor(prefix + "ffn_up.weight", weight(spec.n_ff, spec.n_embd))
-        writer.add_tensor(prefix + "ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+    for name, shape in tiny_tensor_shapes(spec, n_vocab).items():
+        add(name, np.ones(shape, dtype=np.float32) if name.endswith("norm.weight") else weight(*shape))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_tensor_shapes(spec: TinySpec, n_vocab: int) -> Dict[str, Tuple[int, ...]]:
+    """The tiny model's tensors in file order, with their numpy shapes ((ne1, ne0) for a matrix)."""
+    kv_dim = spec.n_embd // spec.n_head * spec.n_head_kv
+    shapes: Dict[str, Tuple[int, ...]] = {"token_embd.weight": (n_vocab, spec.n_embd),
+                                          "output_norm.weight": (spec.n_embd,),
+                                          "output.weight": (n_vocab, spec.n_embd)}
+    for layer in range(spec.n_layer):
+        prefix = f"blk.{layer}."
+        shapes.update({prefix + "attn_norm.weight": (spec.n_embd,),
+                       prefix + "attn_q.weight": (spec.n_embd, spec.n_embd),
+                       prefix + "attn_k.weight": (kv_dim, spec.n_embd),
+                       prefix + "attn_v.weight": (kv_dim, spec.n_embd),
+                       prefix + "attn_output.weight": (spec.n_embd, spec.n_embd),
+                       prefix + "ffn_norm.weight": (spec.n_embd,),
+                       prefix + "ffn_gate.weight": (spec.n_ff, spec.n_embd),
+                       prefix + "ffn_up.weight": (spec.n_ff, spec.n_embd),
+                       prefix + "ffn_down.weight": (spec.n_embd, spec.n_ff)})
+    return shapes
+
+
+# -- LoRA adapters -------------------------------------------------------------------------
+
+class LoraPair(NamedTuple):
+    """One adapted tensor, in numpy shapes as ``convert_lora_to_gguf.py`` writes them.
+
+    For a matrix W of numpy shape (n_out, n_in): ``a`` is (rank, n_in), ``b`` is (n_out, rank),
+    and the adapter adds ``scale * alpha / rank * b @ a`` to W. For ``token_embd.weight``
+    ((n_vocab, n_embd)) llama.cpp wants them the other way round: ``a`` is (n_vocab, rank),
+    ``b`` is (n_embd, rank), and the delta is ``a @ b.T``.
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+
+    def delta(self, name: str, factor: float) -> np.ndarray:
+        """What the adapter adds to the weight ``name``, with ``factor = scale * alpha / rank``."""
+        if name.endswith("token_embd.weight"):
+            return factor * (self.a.astype(np.float64) @ self.b.astype(np.float64).T)
+        return factor * (self.b.astype(np.float64) @ self.a.astype(np.float64))
+
+
+def random_lora(targets: Sequence[str], rank: int = 2, seed: int = 7, std: float = 0.3,
+                spec: Optional[TinySpec] = None) -> Dict[str, LoraPair]:
+    """Random LoRA pairs of ``rank`` for the named weights of the tiny model."""
+    spec = spec or TinySpec()
+    shapes = tiny_tensor_shapes(spec, len(vocabulary()) + len(spec.specials))
+    rng = np.random.default_rng(seed)
+    pairs = {}
+    for name in targets:
+        n_out, n_in = shapes[name]
+        if name.endswith("token_embd.weight"):
+            a, b = rng.standard_normal((n_out, rank)), rng.standard_normal((n_in, rank))
+        else:
+            a, b = rng.standard_normal((rank, n_in)), rng.standard_normal((n_out, rank))
+        pairs[name] = LoraPair((a * std).astype(np.float32), (b * std).astype(np.float32))
+    return pairs
+
+
+def write_tiny_lora(path: Union[str, Path], pairs: Mapping[str, LoraPair], alpha: Optional[float] = None,
+                    arch: str = ARCH, extra: Optional[Callable[[Any], None]] = None,
+                    general_type: Optional[str] = "adapter", adapter_type: str = "lora") -> Path:
+    """Write a LoRA adapter GGUF laid out as llama.cpp's ``convert_lora_to_gguf.py`` does.
+
+    ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (left
+    out when None), tensors ``<name>.lora_a`` / ``<name>.lora_b``. ``extra(writer)`` may add
+    keys or tensors; ``general_type=None`` leaves that key to it.
+    """
+    import gguf
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch)
+    if general_type is not None:
+        writer.add_string("general.type", general_type)
+    writer.add_string("adapter.type", adapter_type)
+    if alpha is not None:
+        writer.add_float32("adapter.lora.alpha", alpha)
+    if extra is not None:
+        extra(writer)
+    for name, pair in pairs.items():
+        writer.add_tensor(name + ".lora_a", pair.a)
+        writer.add_tensor(name + ".lora_b", pair.b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def merged_deltas(adapters: Sequence[Tuple[Mapping[str, LoraPair], float, float]]) -> Dict[str, np.ndarray]:
+    """The summed weight deltas of ``(pairs, alpha, scale)`` adapters, for ``write_tiny_llama(deltas=)``.
+
+    llama.cpp scales by ``scale * alpha / rank``, or by ``scale`` alone when alpha is 0.
+    """
+    total: Dict[str, np.ndarray] = {}
+    for pairs, alpha, scale in adapters:
+        for name, pair in pairs.items():
+            rank = pair.b.shape[1]
+            factor = scale * alpha / rank if alpha else scale
+            total[name] = total.get(name, 0) + pair.delta(name, factor)
+    return total
 
 
 # -- where the header fields are ---------------------------------------------------------

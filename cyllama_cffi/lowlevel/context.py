@@ -28,11 +28,13 @@ import functools
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional
+import math
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Tuple
 
 from .._ffi import ffi, lib
 from ._handle import CHandle
 from .._logging import get_logger
+from .adapter import LoraAdapter
 from .batch import LlamaBatch
 from ..errors import ClosedError, ContextBusyError, ContextFullError, DecodeAborted, DecodeError, LlamaError
 from .model import LlamaModel
@@ -133,6 +135,7 @@ class LlamaContext(CHandle):
         self.n_batch = lib.llama_n_batch(pointer)
         self.n_ubatch = lib.llama_n_ubatch(pointer)
         self._memory = lib.llama_get_memory(pointer)
+        self._lora: Tuple[Tuple[LoraAdapter, float], ...] = ()
         _register_for_exit(self)
 
     # -- cancellation -------------------------------------------------------
@@ -426,6 +429,49 @@ class LlamaContext(CHandle):
         ok = bool(self._locked(write))
         self._logit_rows = ()
         return ok
+
+    # -- LoRA adapters ------------------------------------------------------------
+    @property
+    def lora_adapters(self) -> Tuple[Tuple[LoraAdapter, float], ...]:
+        """The adapters the next decodes apply, with their scales."""
+        return self._lora
+
+    def set_lora_adapters(self, adapters: Sequence[Tuple[LoraAdapter, float]]) -> None:
+        """Apply ``adapters`` (``(adapter, scale)`` pairs) from the next decode on, replacing the previous set.
+
+        An empty sequence removes them all. The KV cache is left as it is: what it holds was
+        computed with the previous adapters (clear it for results of the new set). While this
+        context uses an adapter, closing the adapter closes this context first.
+        """
+        pairs = []
+        for item in adapters:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError(f"adapters must be (LoraAdapter, scale) pairs, got {item!r}")
+            adapter, scale = item
+            if not isinstance(adapter, LoraAdapter):
+                raise TypeError(f"expected a LoraAdapter, got {type(adapter).__name__}")
+            if adapter.model is not self.model:
+                raise ValueError(f"{adapter!r} was loaded for another model")
+            adapter.ptr  # ClosedError for a closed adapter
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise TypeError(f"a LoRA scale must be a number, got {type(scale).__name__}")
+            if not math.isfinite(scale):
+                raise ValueError(f"a LoRA scale must be finite, got {scale}")
+            pairs.append((adapter, float(scale)))
+        if len({id(adapter) for adapter, _ in pairs}) != len(pairs):
+            raise ValueError("the same adapter is listed twice")
+        count = len(pairs)
+        pointers = ffi.new("struct llama_adapter_lora *[]", [adapter.ptr for adapter, _ in pairs]) if count \
+            else ffi.NULL
+        scales = ffi.new("float[]", [scale for _, scale in pairs]) if count else ffi.NULL
+        self._locked(lambda: lib.llama_set_adapters_lora(self._ptr, pointers, count, scales))
+        kept = {id(adapter) for adapter, _ in pairs}
+        for adapter, _ in self._lora:
+            if id(adapter) not in kept:
+                adapter._dependents.discard(self)
+        for adapter, _ in pairs:
+            self._depend_on(adapter)
+        self._lora = tuple(pairs)
 
     # -- threads ----------------------------------------------------------------
     @property

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 from .._ffi import ffi, lib
 from ._handle import CHandle
 from .._logging import get_logger
 from ..errors import LoadCancelled, ModelLoadError
-from .._gguf_check import check_model_path
+from .._gguf_check import check_model_path, inspect_gguf
 from .._huge_pages import HugePageAdvisor, supported as huge_pages_supported
 
 
@@ -48,6 +49,26 @@ def cyl_py_progress(progress: float, user_data: Any) -> bool:
             state.error = error
             return False
     return True
+
+
+class AdapterRegistry:
+    """The LoRA adapters llama.cpp would free with the model, shared by the model's and their finalizers.
+
+    ``llama_model_free`` deletes every adapter still registered with the model. Normally the
+    adapters are closed first (they are the model's dependents), but the garbage collector
+    may finalize a cycle holding both in any order: whichever finalizer runs second must
+    then know whether the adapter is already gone.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.addresses: Set[int] = set()
+
+
+def _free_model(pointer: Any, adapters: AdapterRegistry) -> None:
+    with adapters.lock:
+        adapters.addresses.clear()  # llama_model_free deletes them
+        lib.llama_model_free(pointer)
 
 
 class LlamaModel(CHandle):
@@ -117,11 +138,13 @@ class LlamaModel(CHandle):
             if state.cancelled:
                 raise LoadCancelled(f"loading {self.path} was cancelled")
             raise ModelLoadError(f"llama.cpp could not load {self.path} (see the cyllama_cffi.llama log)")
-        super().__init__(pointer, lib.llama_model_free)
+        self.adapters = AdapterRegistry()
+        super().__init__(pointer, functools.partial(_free_model, adapters=self.adapters))
         self.vocab_only = vocab_only
         self.use_mmap = use_mmap
         self.huge_page_bytes: int = state.huge_page_bytes
         self._vocab: Any = None
+        self._tensor_dims: Optional[Dict[str, Tuple[int, ...]]] = None
 
     # -- properties -------------------------------------------------------
     @property
@@ -171,6 +194,19 @@ class LlamaModel(CHandle):
             result[key] = _read_string(
                 lambda buf, size: lib.llama_model_meta_val_str_by_index(pointer, index, buf, size))
         return result
+
+    def tensor_dims(self) -> Optional[Dict[str, Tuple[int, ...]]]:
+        """Each tensor's ggml dims as the file declares them (read once); None for a split model.
+
+        A split model's tensors live in several files; only the first was checked here.
+        """
+        if self._tensor_dims is None:
+            info = inspect_gguf(self.path, semantics=False)
+            split = info.metadata.get("split.count")
+            if split is not None and isinstance(split[1], int) and split[1] > 1:
+                return None
+            self._tensor_dims = {tensor.name: tensor.dims for tensor in info.tensors}
+        return self._tensor_dims
 
     def meta(self, key: str) -> Optional[str]:
         """One metadata value, or None."""
