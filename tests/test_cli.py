@@ -143,12 +143,19 @@ BLOCKED_SERVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("args", [["serve"], ["serve", "--help"], ["--model", "m.gguf", "serve", "--port", "9"]])
+@pytest.mark.parametrize("args", [["serve"], ["--model", "m.gguf", "serve", "--port", "9"]])
 def test_serve_without_its_dependencies_names_the_extra(model_path, args):
     result = subprocess.run([sys.executable, "-c", BLOCKED_SERVER, *args], capture_output=True, text=True,
                             cwd=REPO, env=cli_env(model_path), timeout=TIMEOUT)
     assert result.returncode == 2, result.stderr
     assert "pip install 'cyllama_cffi[server]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_help_is_the_servers_own_even_without_its_dependencies(model_path):
+    result = subprocess.run([sys.executable, "-c", BLOCKED_SERVER, "serve", "--help"], capture_output=True,
+                            text=True, cwd=REPO, env=cli_env(model_path), timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "--parallel" in result.stdout and "--prompt-budget" in result.stdout and "Traceback" not in result.stderr
 
 
 def test_llm_reports_load_progress_and_a_false_answer_stops_the_load(model_path):
