@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,6 +38,7 @@ from bench.latency_stats import gaps_before, gaps_in_window, percentile, rotated
 N_SEQ_MAX, N_STREAMS, N_BATCH, N_UBATCH, STREAM_PROMPT = 5, 4, 2048, 512, 32
 SETTLE_TOKENS = 4  # tokens each stream has before the long prompt joins
 DEFAULT_BUDGETS = "32,64,128,256,512,1024,2048"
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 LONG_UNIT = "The history of the river towns, told street by street and year by year. "
 
 
@@ -49,6 +50,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="samples per budget, each a fresh process")
     parser.add_argument("--long-tokens", type=int, default=4000, help="tokens of the prompt that joins")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: the stepping thread's CPU time (needs --threads 1), "
+                             "the steps' own cost on a machine busy with other work")
     parser.add_argument("--max-gap-ms", type=float, default=250.0, help="the gap p99 a default budget must keep")
     parser.add_argument("--max-ttft-ratio", type=float, default=1.5,
                         help="the TTFT / full-batch solo prefill a default budget must keep")
@@ -59,6 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--rounds must be >= 1")
     if args.long_tokens < 16:
         parser.error("--long-tokens must be >= 16")
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts the stepping thread only: use it with --threads 1")
     return args
 
 
@@ -93,12 +99,17 @@ def long_prompt_tokens(vocab, n_tokens: int) -> List[int]:
     return tokens[:n_tokens]
 
 
-def sample(model_path: Path, budget: int, long_tokens: int, threads: int) -> Dict[str, Any]:
-    """One engine at ``budget``: the long prompt alone, then with four streams generating."""
+def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_name: str = "wall") -> Dict[str, Any]:
+    """One engine at ``budget``: the long prompt alone, then with four streams generating.
+
+    ``clock_name`` "cpu" times everything with this thread's CPU time, which with one thread
+    (the decode runs on the calling thread) is the steps' own cost, whatever else the machine
+    is running: a loaded machine's estimate of the quiet one-thread curve."""
     from cyllama_cffi._engine import Engine, EngineSequence
     from cyllama_cffi.lowlevel.model import LlamaModel
     from cyllama_cffi.lowlevel.sampler import LlamaSampler
 
+    clock = CLOCKS[clock_name]
     model = LlamaModel(model_path)
     engine = Engine(model, n_ctx=N_SEQ_MAX * (long_tokens + 512), n_seq_max=N_SEQ_MAX, n_batch=N_BATCH,
                     n_ubatch=N_UBATCH, n_threads=threads, prompt_budget=budget)
@@ -108,13 +119,18 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int) -> Dic
     def sequence(prompt: List[int], max_tokens: int) -> EngineSequence:
         return EngineSequence(prompt, LlamaSampler().add_greedy(), max_tokens)
 
+    def read(prompt: List[int], step: Callable[[], None]) -> Tuple[float, float]:
+        """Add ``prompt`` and step until its first token is picked: (start, end) on the clock."""
+        long = engine.add(sequence(prompt, 1))
+        start = clock()
+        while not long.t_prompt_done:
+            step()
+        return start, clock()
+
     try:
         engine.add(sequence(stream_prompts(vocab, 1, seed=7)[0], 8))  # warm-up
         engine.run()
-
-        solo = engine.add(sequence(long_prompt, 1))
-        engine.run()
-        solo_seconds = solo.t_prompt_done - solo.t_added
+        solo_start, solo_end = read(long_prompt, engine.step)
 
         streams = [engine.add(sequence(p, engine.seq_capacity - STREAM_PROMPT - 8))
                    for p in stream_prompts(vocab, N_STREAMS)]
@@ -122,30 +138,26 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int) -> Dic
 
         def step() -> None:
             engine.step()
-            now = time.perf_counter()
+            now = clock()
             for stream in streams:
                 if len(stamps[id(stream)]) < len(stream.generated):
                     stamps[id(stream)].append(now)
 
         while any(len(s.generated) < SETTLE_TOKENS for s in streams if not s.finished):
             step()
-        long = engine.add(sequence(long_prompt, 1))  # t_added: now
-        while not long.t_prompt_done:
-            step()
-        alive = sum(not s.finished for s in streams)
-        start, end = long.t_added, long.t_prompt_done
-        return {"budget": budget, "solo": solo_seconds, "ttft": end - start, "long_tokens": len(long_prompt),
+        start, end = read(long_prompt, step)
+        return {"budget": budget, "solo": solo_end - solo_start, "ttft": end - start, "long_tokens": len(long_prompt),
                 "gaps": [g for s in streams for g in gaps_in_window(stamps[id(s)], start, end)],
                 "steady": [g for s in streams for g in gaps_before(stamps[id(s)], start)],
-                "streams_alive": alive}
+                "streams_alive": sum(not s.finished for s in streams), "clock": clock_name}
     finally:
         engine.close()
         model.close()
 
 
-def sample_in_child(model: Path, budget: int, long_tokens: int, threads: int) -> Dict[str, Any]:
+def sample_in_child(model: Path, budget: int, long_tokens: int, threads: int, clock_name: str) -> Dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(budget), "--model", str(model),
-               "--long-tokens", str(long_tokens), "--threads", str(threads)]
+               "--long-tokens", str(long_tokens), "--threads", str(threads), "--clock", clock_name]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"budget {budget} sample failed:\n{result.stderr[-3000:]}")
@@ -203,20 +215,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     if args.child is not None:
-        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads)))
+        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock)))
         return 0
     started = time.time()
     samples = []
     for round_index in range(args.rounds):
         for budget in rotated(args.budgets, round_index):
-            result = sample_in_child(model, budget, args.long_tokens, args.threads)
+            result = sample_in_child(model, budget, args.long_tokens, args.threads, args.clock)
             result["round"] = round_index
             samples.append(result)
             print(f"round {round_index} budget {budget}: TTFT {result['ttft']:.2f} s (solo {result['solo']:.2f} s), "
                   f"gap p99 {1000 * percentile(result['gaps'], 99):.0f} ms", flush=True)
     rows = summarize(samples, args.budgets)
-    print(f"\n{args.long_tokens}-token prompt joining {N_STREAMS} greedy streams, {args.threads} threads, "
-          f"{args.rounds} round(s):\n")
+    print(f"\n{args.long_tokens}-token prompt joining {N_STREAMS} greedy streams, {args.threads} thread(s), "
+          f"{args.rounds} round(s), {args.clock} clock:\n")
     print_table(rows)
     pick = choose(rows, args.max_gap_ms, args.max_ttft_ratio)
     print(f"\nlargest budget with gap p99 <= {args.max_gap_ms:.0f} ms and TTFT <= {args.max_ttft_ratio}x "
