@@ -182,6 +182,9 @@ def test_fair_steps_arguments():
             fair_steps.parse_args(["--budgets", bad])
     with pytest.raises(SystemExit):
         fair_steps.parse_args(["--rounds", "0"])
+    assert fair_steps.parse_args(["--clock", "cpu", "--threads", "1"]).clock == "cpu"
+    with pytest.raises(SystemExit):  # the CPU clock sees the stepping thread only
+        fair_steps.parse_args(["--clock", "cpu", "--threads", "2"])
 
 
 def sample(budget, round_index, ttft, solo, gaps, alive=4):
