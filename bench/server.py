@@ -315,6 +315,8 @@ class Server:
         self.stop()
         if exc[0] is None:
             os.unlink(self.log.name)
+        else:
+            print(f"{self.name}'s output is in {self.log.name}", file=sys.stderr)
 
     def _wait_ready(self) -> None:
         import httpx
