@@ -66,7 +66,7 @@ SERVERS: Dict[str, str] = {
     "cyllama_cffi": ("{python} -m cyllama_cffi.server {model} --host 127.0.0.1 --port {port} --parallel {parallel} "
                      "--ctx-size {ctx_total} --prompt-budget {budget}"),
     "llama-server": ("{llama_server} -m {model} --host 127.0.0.1 --port {port} -np {parallel} -c {ctx_total} "
-                     "-t {threads} -tb {threads}"),
+                     "-t {threads} -tb {threads} --no-kv-unified"),
     "llama-cpp-python": ("{lcpp_python} -m llama_cpp.server --model {model} --host 127.0.0.1 --port {port} "
                          "--n_ctx {ctx_slot} --n_threads {threads} --n_threads_batch {threads} --flash_attn True "
                          # its default True ends a running stream when the next request arrives
