@@ -329,7 +329,7 @@ class Server:
                     raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
                 try:
                     status = client.get("/health").status_code
-                    if status == 200 or (status == 404 and client.get("/v1/models").status_code == 200):
+                    if status == 200 or (status in (404, 405) and client.get("/v1/models").status_code == 200):
                         return
                 except httpx.TransportError:
                     pass
