@@ -9,8 +9,10 @@ Every server runs as a subprocess on a free port of 127.0.0.1, a fresh process f
 the servers in rotating order (each leads a round in turn); the script waits for ``/health``
 (or ``/v1/models`` where there is no ``/health``) and sends one short warm-up request first.
 Each server gets the same slots and the same context per slot: ``--ctx-size`` and llama-server's
-``-c`` are the total, split among the slots (llama.cpp's split KV cache); llama-cpp-python
-serves one request at a time, with one slot's context. All run 2 threads (``--threads``) and
+``-c`` are the total, split among the slots (llama.cpp's split KV cache, which llama-server is
+told to use: it would choose it anyway for an explicit slot count); llama-cpp-python serves one
+request at a time, with one slot's context. Everything else is each server's default (for
+llama-server: batches of 2048 tokens, micro-batches of 512, its prompt cache in RAM). All run 2 threads (``--threads``) and
 flash attention as llama.cpp decides it on a CPU (on; llama-cpp-python is told so). ``--command
 NAME=TEMPLATE`` adds or replaces a server (see ``SERVERS`` for the placeholders).
 
