@@ -53,6 +53,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: the stepping thread's CPU time (needs --threads 1), "
                              "the steps' own cost on a machine busy with other work")
+    parser.add_argument("--kv-unified", action="store_true",
+                        help="one KV cache for all sequences (a micro-batch may then mix sequences' rows freely; "
+                             "split, a step's rows go in as micro-batches of equal rows per sequence)")
     parser.add_argument("--max-gap-ms", type=float, default=250.0, help="the gap p99 a default budget must keep")
     parser.add_argument("--max-ttft-ratio", type=float, default=1.5,
                         help="the TTFT / full-batch solo prefill a default budget must keep")
@@ -99,7 +102,8 @@ def long_prompt_tokens(vocab, n_tokens: int) -> List[int]:
     return tokens[:n_tokens]
 
 
-def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_name: str = "wall") -> Dict[str, Any]:
+def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_name: str = "wall",
+           kv_unified: bool = False) -> Dict[str, Any]:
     """One engine at ``budget``: the long prompt alone, then with four streams generating.
 
     ``clock_name`` "cpu" times everything with this thread's CPU time, which with one thread
@@ -112,7 +116,7 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_
     clock = CLOCKS[clock_name]
     model = LlamaModel(model_path)
     engine = Engine(model, n_ctx=N_SEQ_MAX * (long_tokens + 512), n_seq_max=N_SEQ_MAX, n_batch=N_BATCH,
-                    n_ubatch=N_UBATCH, n_threads=threads, prompt_budget=budget)
+                    n_ubatch=N_UBATCH, n_threads=threads, prompt_budget=budget, kv_unified=kv_unified)
     vocab = model.vocab
     long_prompt = long_prompt_tokens(vocab, long_tokens)
 
@@ -155,9 +159,10 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_
         model.close()
 
 
-def sample_in_child(model: Path, budget: int, long_tokens: int, threads: int, clock_name: str) -> Dict[str, Any]:
+def sample_in_child(model: Path, budget: int, args: argparse.Namespace) -> Dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(budget), "--model", str(model),
-               "--long-tokens", str(long_tokens), "--threads", str(threads), "--clock", clock_name]
+               "--long-tokens", str(args.long_tokens), "--threads", str(args.threads), "--clock", args.clock,
+               *(["--kv-unified"] if args.kv_unified else [])]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"budget {budget} sample failed:\n{result.stderr[-3000:]}")
@@ -215,20 +220,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     if args.child is not None:
-        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock)))
+        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock, args.kv_unified)))
         return 0
     started = time.time()
     samples = []
     for round_index in range(args.rounds):
         for budget in rotated(args.budgets, round_index):
-            result = sample_in_child(model, budget, args.long_tokens, args.threads, args.clock)
+            result = sample_in_child(model, budget, args)
             result["round"] = round_index
             samples.append(result)
             print(f"round {round_index} budget {budget}: TTFT {result['ttft']:.2f} s (solo {result['solo']:.2f} s), "
                   f"gap p99 {1000 * percentile(result['gaps'], 99):.0f} ms", flush=True)
     rows = summarize(samples, args.budgets)
     print(f"\n{args.long_tokens}-token prompt joining {N_STREAMS} greedy streams, {args.threads} thread(s), "
-          f"{args.rounds} round(s), {args.clock} clock:\n")
+          f"{args.rounds} round(s), {args.clock} clock, {'unified' if args.kv_unified else 'split'} KV cache:\n")
     print_table(rows)
     pick = choose(rows, args.max_gap_ms, args.max_ttft_ratio)
     print(f"\nlargest budget with gap p99 <= {args.max_gap_ms:.0f} ms and TTFT <= {args.max_ttft_ratio}x "
