@@ -1,7 +1,7 @@
 """The engine's prompt budget: how long running streams wait while a long prompt is read, against how
 much later that prompt's first token comes.
 
-    python bench/fair_steps.py [--budgets 32,64,128,256,512,1024,2048] [--rounds 3] [--long-tokens 4000]
+    python bench/fair_steps.py [--budgets 16,32,64,128,256,512,1024,2048] [--rounds 3] [--long-tokens 4000]
 
 One ``Engine`` of 5 sequences (``n_batch`` 2048, ``n_ubatch`` 512, each sequence ``long + 512``
 cells, 2 threads). Four sequences generate greedily from 32-token prompts of random vocabulary
@@ -37,7 +37,7 @@ from bench.latency_stats import gaps_before, gaps_in_window, percentile, rotated
 
 N_SEQ_MAX, N_STREAMS, N_BATCH, N_UBATCH, STREAM_PROMPT = 5, 4, 2048, 512, 32
 SETTLE_TOKENS = 4  # tokens each stream has before the long prompt joins
-DEFAULT_BUDGETS = "32,64,128,256,512,1024,2048"
+DEFAULT_BUDGETS = "16,32,64,128,256,512,1024,2048"
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 LONG_UNIT = "The history of the river towns, told street by street and year by year. "
 

@@ -175,7 +175,7 @@ def test_fair_summary_pools_rounds():
 
 def test_fair_steps_arguments():
     args = fair_steps.parse_args([])
-    assert args.budgets == [32, 64, 128, 256, 512, 1024, 2048] and args.rounds == 3 and args.long_tokens == 4000
+    assert args.budgets == [16, 32, 64, 128, 256, 512, 1024, 2048] and args.rounds == 3 and args.long_tokens == 4000
     assert (args.clock, args.kv_unified) == ("wall", False)
     assert fair_steps.parse_args(["--budgets", "16,2048"]).budgets == [16, 2048]
     for bad in ("0", "4096", "64,64", "x", ""):
