@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Generator, List, Optional, Sequence
 from ._background import Job
 from ._ffi import ffi
 from ._cancel import Cancellation
-from ._sequence import KVSequence
+from ._sequence import KVSequence, prefill_plan
 from ._text import TextAssembler
 from .errors import DecodeAborted
 from .lowlevel.sampler import LlamaSampler
@@ -75,22 +75,21 @@ def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], 
 def prefill(seq: KVSequence, prompt: Sequence[int], cancel: Cancellation) -> bool:
     """Decode the prompt tokens the sequence does not hold yet; False when cancelled.
 
-    A micro-batch (``n_ubatch`` tokens) at a time, each on a helper thread while this one waits
+    At most a micro-batch (``n_ubatch`` tokens) at a time (``prefill_plan``), each on a helper thread while this one waits
     in ``cancel.wait``: a cancel returns at once, even while a graph node runs for a hundred
     milliseconds more; the chunk's decode stops at ggml's next node, on its own, and puts what
     reached the cache on record. If this thread stops waiting (a cancel, a
     ``KeyboardInterrupt``), the chunk goes on; the sequence, which has its helper on record,
     waits for it before the context is used again.
     """
-    ctx = seq.ctx
-    step = max(1, min(ctx.n_ubatch, ctx.n_batch))  # KVSequence.keep_prefix cuts to a multiple of it
     helper = seq.start_helper()
     job = None
     try:
-        for start in range(len(seq.tokens), len(prompt), step):
+        # The chunks KVSequence.keep_prefix expects: a fresh context's, for what it reuses.
+        for start, end in prefill_plan(len(seq.tokens), len(prompt), seq.step):
             if cancel.is_requested():
                 return False
-            chunk = functools.partial(seq.decode_chunk, prompt[start:start + step], start + step >= len(prompt))
+            chunk = functools.partial(seq.decode_chunk, prompt[start:end], end >= len(prompt))
             job = helper.submit(Job(chunk))
             cancel.wait(job)
             if not job.finished:  # woken by a cancel: the decode stops on its own

@@ -12,7 +12,7 @@ anyone touches the context again.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ._background import HelperThread
 from .errors import DecodeAborted
@@ -28,11 +28,30 @@ class KVSequence:
         self.batch = batch
         self.seq_id = seq_id
         self.tokens: List[int] = []  # tokens whose K/V are in the cache, in position order
-        # How many of them, from the start, were decoded as prompt chunks. Only those are reused:
-        # a generated token's K/V come from a one-token decode, whose sums differ in the last
-        # bits from a prompt chunk's, and greedy output after them was measured to differ.
-        self.n_prefilled = 0
+        # The kind of chunk (chunk_kind) each of the first tokens was decoded in as a prompt.
+        # Only those tokens are reused: a generated token's K/V come from a one-token decode,
+        # whose sums differ in the last bits from a prompt chunk's (see docs/state.md).
+        self.kinds = bytearray()
         self._helper: Optional[HelperThread] = None  # decodes the prompt's chunks; see settle()
+
+    @property
+    def step(self) -> int:
+        """The most tokens a prompt chunk has: one micro-batch."""
+        return max(1, min(self.ctx.n_ubatch, self.ctx.n_batch))
+
+    @property
+    def n_prefilled(self) -> int:
+        """How many tokens, from the start, were decoded as prompt chunks: what may be reused."""
+        return len(self.kinds)
+
+    @n_prefilled.setter
+    def n_prefilled(self, count: int) -> None:
+        """Cut the prompt record to ``count`` tokens; a longer one (a state saved without the
+        kinds of its chunks) is taken to be ``prefill_plan``'s chunks from position 0."""
+        if count <= len(self.kinds):
+            del self.kinds[count:]
+        else:
+            self.kinds = plan_kinds(prefill_plan(0, count, self.step))
 
     def decode_chunk(self, tokens: Sequence[int], logits_last: bool) -> None:
         """Decode ``tokens`` at the end of the sequence and put what reached the cache on record."""
@@ -42,49 +61,55 @@ class KVSequence:
             self.ctx.decode(self.batch)
         except DecodeAborted as aborted:  # the ubatches that completed stay in the cache
             self.tokens.extend(tokens[:max(0, aborted.n_past - start)])
-            self._prefilled(start)
+            self._prefilled(start, len(tokens))
             raise
         self.tokens.extend(tokens)
-        self._prefilled(start)
+        self._prefilled(start, len(tokens))
 
-    def _prefilled(self, start: int) -> None:
-        if self.n_prefilled == start:  # contiguous with the prompt chunks before it
-            self.n_prefilled = len(self.tokens)
+    def _prefilled(self, start: int, chunk: int) -> None:
+        if len(self.kinds) == start:  # contiguous with the prompt chunks before it
+            self.kinds.extend(bytes([chunk_kind(chunk)]) * (len(self.tokens) - start))
 
     def clear(self) -> None:
         """Empty the sequence (its cache cells and its record)."""
         self.settle()
         self.ctx.memory_seq_rm(self.seq_id, -1, -1)
         self.tokens = []
-        self.n_prefilled = 0
+        self.kinds = bytearray()
 
     def keep_prefix(self, prompt: Sequence[int]) -> int:
         """Keep the longest prefix of the cache that ``prompt`` starts with; cut the rest. Returns its length.
 
-        At least the prompt's last token is left to decode (its logits pick the first token).
-        Only what a fresh context would compute the same way is kept, so that greedy output is
-        the same token for token: tokens decoded as prompt chunks (``n_prefilled``), cut to a
-        multiple of the micro-batch size, so that the rest is decoded in the same micro-batches
-        as from an empty cache (llama.cpp's sums depend on the split; see ``docs/state.md``).
+        Only what a fresh context would compute bit for bit the same is kept, so that the
+        output is that of a fresh context: tokens decoded as prompt chunks, each in the same
+        kind of chunk (``chunk_kind``) as ``prefill_plan`` puts it in when it decodes ``prompt``
+        from position 0, and a prefix whose rest ``prefill_plan`` decodes in chunks of those
+        same kinds. With the default micro-batch that is the prompt's new tokens, at least
+        64 of them, or all of a prompt shorter than 64 (see ``docs/state.md``).
         """
         self.settle()
         record = self.tokens
-        limit = min(self.n_prefilled, len(prompt) - 1)
+        step = self.step
+        fresh = plan_kinds(prefill_plan(0, len(prompt), step))
+        limit = min(len(self.kinds), len(prompt) - 2)  # at least two: a lone token takes other paths
         keep = 0
-        while keep < limit and record[keep] == prompt[keep]:
+        while keep < limit and record[keep] == prompt[keep] and self.kinds[keep] == fresh[keep]:
             keep += 1
-        keep -= keep % max(1, min(self.ctx.n_ubatch, self.ctx.n_batch))  # prefill()'s step
+        tries = 2 * step  # enough for any step >= 2 * TILED; past it, decoding all is exact too
+        while keep > 0 and plan_kinds(prefill_plan(keep, len(prompt), step)) != fresh[keep:]:
+            keep = keep - 1 if tries > 0 else 0
+            tries -= 1
         if keep < len(record):
             self.ctx.memory_seq_rm(self.seq_id, keep, -1)
             del record[keep:]
-        self.n_prefilled = keep
+        del self.kinds[keep:]
         return keep
 
     def sync(self) -> None:
         """Cut the cache back to the record, unless a prompt chunk may still be decoding."""
         if self._helper is None:
             self.ctx.memory_seq_rm(self.seq_id, len(self.tokens), -1)
-            self.n_prefilled = min(self.n_prefilled, len(self.tokens))
+            del self.kinds[len(self.tokens):]
 
     def start_helper(self) -> HelperThread:
         """A helper thread for the prompt's chunks, on record here before it runs anything."""
@@ -118,3 +143,69 @@ class KVSequence:
         if helper is not None:
             helper.join()
             self._helper = None
+
+
+# ggml-cpu decodes a micro-batch of 64 tokens or more (GGML_FA_TILE_Q) with its tiled flash
+# attention (F32 products) and a shorter one row by row (F16 products); a lone token takes yet
+# other paths (the split-KV attention, the non-tiled matrix products). Within each kind a token's
+# K/V do not depend on what else its micro-batch holds, so a prefix decoded in chunks of the
+# same kinds gives the bits of a fresh decode (bench/split_invariance.py measures it).
+TILED = 64
+SINGLE, SHORT, LONG = 2, 1, 0
+
+
+def chunk_kind(size: int) -> int:
+    """Which of ggml-cpu's code paths a prompt chunk of ``size`` tokens takes."""
+    return LONG if size >= TILED else SHORT if size > 1 else SINGLE
+
+
+def prefill_plan(start: int, end: int, step: int) -> List[Tuple[int, int]]:
+    """The [a, b) chunks in which a prompt's tokens ``start`` to ``end`` are decoded.
+
+    As few chunks of at most ``step`` tokens as can be, of even sizes: so that with ``step``
+    of 128 or more every chunk of 64 tokens or more has at least 64, and is of one kind.
+    """
+    total = end - start
+    if total <= 0:
+        return []
+    count = -(-total // step)
+    base, extra = divmod(total, count)
+    bounds = [start]
+    for index in range(count):
+        bounds.append(bounds[-1] + base + (1 if index < extra else 0))
+    return list(zip(bounds, bounds[1:]))
+
+
+def plan_kinds(plan: Sequence[Tuple[int, int]]) -> bytearray:
+    """The kind of chunk of each token of ``plan``."""
+    kinds = bytearray()
+    for start, end in plan:
+        kinds.extend(bytes([chunk_kind(end - start)]) * (end - start))
+    return kinds
+
+
+def kinds_to_runs(kinds: Sequence[int]) -> List[List[int]]:
+    """``[[kind, count], ...]``: the kinds of a token record, compactly, for a saved state."""
+    runs: List[List[int]] = []
+    for kind in kinds:
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        else:
+            runs.append([kind, 1])
+    return runs
+
+
+def kinds_from_runs(runs: object, total: int) -> Optional[bytearray]:
+    """The kinds of :func:`kinds_to_runs`; an empty record for ``None`` (a state saved before
+    kinds were recorded), ``None`` for anything malformed or not ``total`` tokens long."""
+    if runs is None:
+        return bytearray()
+    if not isinstance(runs, list):
+        return None
+    kinds = bytearray()
+    for run in runs:
+        if not (isinstance(run, list) and len(run) == 2 and all(type(v) is int for v in run)
+                and run[0] in (LONG, SHORT, SINGLE) and 0 < run[1] <= total - len(kinds)):
+            return None
+        kinds.extend(bytes([run[0]]) * run[1])
+    return kinds if len(kinds) == total else None

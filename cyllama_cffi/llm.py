@@ -20,6 +20,7 @@ from ._cancel import Cancellation
 from ._logging import set_verbose
 from ._lora import LoraSpec, parse_lora
 from ._response_cache import ResponseCacheInfo, cache_key, copy_response, make_cache
+from . import _sequence
 from ._sequence import KVSequence
 from .chat_template import apply_chat_template, get_chat_template
 from .config import GenerationConfig
@@ -401,9 +402,10 @@ class LLM:
             body = seq.ctx.seq_state_get(seq.seq_id) if tokens else b""
             n_ctx = seq.ctx.n_ctx if seq is not None else 0
             n_prefilled = seq.n_prefilled if seq is not None else 0
+            kinds = _sequence.kinds_to_runs(seq.kinds) if seq is not None else []
         finally:
             self._starting = None
-        header = {"model": self._identity(), "n_ctx": n_ctx, "n_prefilled": n_prefilled}
+        header = {"model": self._identity(), "n_ctx": n_ctx, "n_prefilled": n_prefilled, "prefill_kinds": kinds}
         data = _state_format.encode(header, tokens, body)
         if path is not None:
             with open(path, "wb") as file:
@@ -446,6 +448,9 @@ class LLM:
         n_prefilled = saved.header.get("n_prefilled")
         if isinstance(n_prefilled, bool) or not isinstance(n_prefilled, int) or not 0 <= n_prefilled <= len(tokens):
             raise StateError(f"the saved state's prefilled count ({n_prefilled!r}) is out of range")
+        kinds = _sequence.kinds_from_runs(saved.header.get("prefill_kinds"), n_prefilled)
+        if kinds is None:
+            raise StateError("the saved state's record of prompt chunks is invalid")
         config = self.config
         if config.n_ctx is not None:
             n_ctx = config.n_ctx
@@ -466,18 +471,20 @@ class LLM:
                     self._seq.clear()
                 return
             seq = self._sequence_for(n_ctx, config)
-            before = (list(seq.tokens), seq.n_prefilled, seq.ctx.seq_state_get(seq.seq_id) if seq.tokens else b"")
+            before = (list(seq.tokens), bytearray(seq.kinds), seq.ctx.seq_state_get(seq.seq_id) if seq.tokens else b"")
             if seq.ctx.seq_state_set(saved.body, seq.seq_id) and \
                     seq.ctx.memory_seq_pos_min(seq.seq_id) == 0 and \
                     seq.ctx.memory_seq_pos_max(seq.seq_id) == len(tokens) - 1:
                 seq.tokens[:] = tokens
-                seq.n_prefilled = n_prefilled
+                seq.n_prefilled = n_prefilled  # an older state has no kinds: taken as a fresh decode's
+                if kinds:
+                    seq.kinds = kinds
                 return
             # Refused (llama.cpp emptied the sequence first): put back what it held.
             seq.ctx.memory_seq_rm(seq.seq_id, -1, -1)
-            seq.tokens[:], seq.n_prefilled = [], 0
+            seq.tokens[:], seq.kinds = [], bytearray()
             if before[0] and seq.ctx.seq_state_set(before[2], seq.seq_id):
-                seq.tokens[:], seq.n_prefilled = before[0], before[1]
+                seq.tokens[:], seq.kinds = before[0], before[1]
             raise StateError("llama.cpp refused the saved state's cache data (see the cyllama_cffi.llama log)")
         finally:
             self._starting = None

@@ -17,7 +17,8 @@ from cyllama_cffi._sequence import KVSequence
 from crashproof import Case, Worker
 from tiny_gguf import write_tiny_llama
 
-# Reuse is cut to a multiple of n_ubatch (see docs/state.md): a small one lets short prompts reuse.
+# With micro-batches shorter than 64 tokens every prompt chunk takes one kind of code path, so any
+# prefix can be reused (see docs/state.md); tests of the default micro-batch are marked so below.
 CONFIG = GenerationConfig(temperature=0.0, max_tokens=24, n_threads=2, n_ubatch=8, n_batch=8)
 SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly and precisely."}
 
@@ -64,7 +65,7 @@ def test_system_prompt_with_different_questions_decodes_only_the_question(llm, m
         decoded.clear()
         assert llm.chat(messages).text == expected
         if question is not questions[0]:  # the system prompt came from the cache
-            assert 0 < sum(decoded) < n_prompt - 15 and all(n == 8 for n in decoded[:-1])
+            assert 0 < sum(decoded) < n_prompt - 15 and all(n <= 8 for n in decoded)
 
 
 def test_chat_turn_after_chat_turn_matches_fresh(llm, model_path, decoded):
@@ -88,7 +89,7 @@ def test_retry_of_the_same_prompt_decodes_one_token(llm, decoded):
     decoded.clear()
     assert llm("Once upon a time").text == first
     n_prompt = len(llm.tokenize("Once upon a time"))
-    assert decoded == [n_prompt - (n_prompt - 1) // 8 * 8]  # from the last whole micro-batch before the last token
+    assert decoded == [2]  # a lone token would take other code paths than a fresh context's
 
 
 def test_cancel_mid_prefill_then_a_prompt_sharing_its_prefix_matches_fresh(model_path, monkeypatch):

@@ -1,0 +1,209 @@
+"""Prefix reuse in a growing chat: time to first token of turn 10, against llama-cpp-python.
+
+    python bench/prefix_reuse.py [--repeats 6] [--threads 2] [--turns 10] [--lcpp-python PATH]
+
+A chat starts with a system prompt of about 1,300 tokens; each turn adds a user message of
+about 25 tokens, and the model answers it (greedy, ``N_ANSWER`` tokens at most), so that turn 10
+has about 1,500 tokens of history and about 30-45 new ones (its user message, the previous
+answer and the template's tokens around them). Both sides get the same prompt text (the
+ChatML of the default model, formatted here), with ``n_ctx`` 2048, ``n_batch = n_ubatch = 512``
+and the same thread count, and both keep their cache between turns: ``LLM`` reuses the prefix
+its rule allows (``docs/state.md``), llama-cpp-python's ``Llama`` the longest common prefix.
+
+Figures, per fresh process (the sides alternate, A B, B A, ...):
+
+- ``ttft``: from the call to its first streamed text, for the last turn;
+- ``own prefill`` (ours only): decoding just the tokens the cache did not hold before that turn,
+  on top of the cached history, timed alone (the median of 5): what a perfect reuse would cost;
+- the ratios ours/llama-cpp-python and ours/(own prefill + 5 ms), paired by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+N_CTX, N_BATCH, N_ANSWER = 2048, 512, 12
+LCPP_PYTHON = "/work/venvs/lcpp/bin/python"
+
+WORDS = ("river harbour market bridge winter summer farmer teacher garden tower library music "
+         "letter window morning evening village castle forest mountain island station engine "
+         "kitchen bottle candle pocket ladder blanket wagon lantern meadow orchard").split()
+
+
+def system_prompt() -> str:
+    """About 1,300 tokens of seeded, plain sentences."""
+    import random
+
+    rng = random.Random(5)
+    sentences = [f"The {rng.choice(WORDS)} near the {rng.choice(WORDS)} was known for its {rng.choice(WORDS)}."
+                 for _ in range(110)]
+    return "You are a helpful assistant. Notes about the town follow. " + " ".join(sentences)
+
+
+def user_message(turn: int) -> str:
+    """About 25 tokens, different every turn."""
+    import random
+
+    rng = random.Random(100 + turn)
+    picks = " and the ".join(rng.choice(WORDS) for _ in range(5))
+    return f"Question {turn}: in one short sentence, what do the notes say about the {picks}?"
+
+
+def chatml(messages: Sequence[Dict[str, str]]) -> str:
+    """The default model's template (ChatML), with the assistant's turn opened."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + "<|im_start|>assistant\n"
+
+
+def conversation(turns: int, answer):
+    """Run ``turns`` turns; ``answer(prompt)`` streams one and returns (text, ttft).
+
+    Returns the last turn's ttft and prompt."""
+    messages = [{"role": "system", "content": system_prompt()}]
+    ttft, prompt = 0.0, ""
+    for turn in range(1, turns + 1):
+        messages.append({"role": "user", "content": user_message(turn)})
+        prompt = chatml(messages)
+        text, ttft = answer(prompt)
+        messages.append({"role": "assistant", "content": text.strip()})
+    return ttft, prompt
+
+
+def ours_child(model: Path, threads: int, turns: int) -> Dict[str, float]:
+    from cyllama_cffi import LLM, GenerationConfig
+
+    config = GenerationConfig(temperature=0.0, max_tokens=N_ANSWER, n_threads=threads, n_ctx=N_CTX,
+                              n_batch=N_BATCH, n_ubatch=N_BATCH)
+    with LLM(model, config=config) as llm:
+        llm("Warm up.", config=config.replace(max_tokens=2))
+        held: List[int] = []
+
+        def answer(prompt: str):
+            held[:] = llm._seq.tokens if llm._seq is not None else []
+            started = time.perf_counter()
+            stream = llm.stream(prompt)
+            first = next(stream)
+            ttft = time.perf_counter() - started
+            return first + "".join(stream), ttft
+
+        ttft, last_prompt = conversation(turns, answer)
+        # The last turn's prompt, the tokens the cache held before it, and the time to decode
+        # only what was new, on top of the history: a perfect reuse's cost.
+        prompt = llm.tokenize(last_prompt, add_special=True, parse_special=True)
+        common = 0
+        while common < min(len(prompt) - 1, len(held)) and prompt[common] == held[common]:
+            common += 1
+        seq = llm._seq
+        times = []
+        for _ in range(5):
+            seq.ctx.memory_seq_rm(0, common, -1)
+            started = time.perf_counter()
+            for start in range(common, len(prompt), N_BATCH):
+                piece = prompt[start:start + N_BATCH]
+                seq.batch.set_tokens(piece, start, 0, logits_last=start + N_BATCH >= len(prompt))
+                seq.ctx.decode(seq.batch)
+            times.append(time.perf_counter() - started)
+        seq.clear()
+    return {"ttft": ttft, "own_prefill": statistics.median(times), "n_new": len(prompt) - common,
+            "n_prompt": len(prompt)}
+
+
+def lcpp_child(model: Path, threads: int, turns: int) -> Dict[str, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(model), n_ctx=N_CTX, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    llm.create_completion("Warm up.", max_tokens=2, temperature=0.0)
+
+    def answer(prompt: str):
+        started = time.perf_counter()
+        ttft, parts = 0.0, []
+        for chunk in llm.create_completion(prompt, max_tokens=N_ANSWER, temperature=0.0, stream=True):
+            text = chunk["choices"][0]["text"]
+            if text and not parts:
+                ttft = time.perf_counter() - started
+            parts.append(text)
+        return "".join(parts), ttft
+
+    return {"ttft": conversation(turns, answer)[0]}
+
+
+def in_child(python: str, side: str, model: Path, threads: int, turns: int) -> Dict[str, float]:
+    command = [python, __file__, "--child", side, "--model", str(model), "--threads", str(threads),
+               "--turns", str(turns)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def spread(ratios: Sequence[float]) -> str:
+    """Geometric mean with a 95% interval of the log-ratios."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.mean(logs)
+    if len(logs) < 2:
+        return f"{math.exp(mean):.3f}"
+    half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+    return f"{math.exp(mean):.3f} (95% {math.exp(mean - half):.3f}-{math.exp(mean + half):.3f})"
+
+
+def run(model: Path, threads: int, repeats: int, turns: int, lcpp_python: str) -> Dict[str, object]:
+    series: Dict[str, List[Dict[str, float]]] = {"ours": [], "lcpp": []}
+    for index in range(repeats + repeats % 2):
+        order = ("ours", "lcpp") if index % 2 == 0 else ("lcpp", "ours")
+        for side in order:
+            python = sys.executable if side == "ours" else lcpp_python
+            series[side].append(in_child(python, side, model, threads, turns))
+    ours = [r["ttft"] for r in series["ours"]]
+    theirs = [r["ttft"] for r in series["lcpp"]]
+    own = [r["own_prefill"] for r in series["ours"]]
+    vs_lcpp = [a / b for a, b in zip(ours, theirs)]
+    vs_own = [a / (b + 0.005) for a, b in zip(ours, own)]
+    print(f"turn {turns} TTFT ({series['ours'][0]['n_prompt']} prompt tokens, {series['ours'][0]['n_new']} new): "
+          f"ours {statistics.median(ours) * 1e3:.1f} ms  llama-cpp-python {statistics.median(theirs) * 1e3:.1f} ms  "
+          f"own prefill of the new tokens {statistics.median(own) * 1e3:.1f} ms", flush=True)
+    print(f"  ours / llama-cpp-python: paired median {statistics.median(vs_lcpp):.3f}  geo-mean {spread(vs_lcpp)}")
+    print(f"  ours / (own prefill + 5 ms): paired median {statistics.median(vs_own):.3f}  geo-mean {spread(vs_own)}")
+    return {"ours": series["ours"], "lcpp": series["lcpp"], "ours_over_lcpp": vs_lcpp, "ours_over_own_plus_5ms": vs_own}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--lcpp-python", default=LCPP_PYTHON)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.child == "lcpp":
+        print(json.dumps(lcpp_child(Path(args.model), args.threads, args.turns)))
+        return 0
+    from cyllama_cffi.models import default_model_path
+
+    model = Path(args.model) if args.model else default_model_path()
+    if args.child == "ours":
+        print(json.dumps(ours_child(model, args.threads, args.turns)))
+        return 0
+    started = time.time()
+    report = run(model, args.threads, args.repeats, args.turns, args.lcpp_python)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"({time.time() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

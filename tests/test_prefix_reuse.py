@@ -1,0 +1,160 @@
+"""Prefix reuse with the default micro-batch (512): a follow-up decodes only its new tokens
+(at least 64), and every output is a fresh LLM's, token for token.
+
+``tests/test_state.py`` covers micro-batches shorter than 64 tokens; here the prompts are long
+enough (a system prompt of a few hundred tokens) that their chunks take ggml-cpu's tiled code
+path, the one a chat of any length lives on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cyllama_cffi import LLM, GenerationConfig
+from cyllama_cffi._sequence import TILED, KVSequence, chunk_kind, plan_kinds, prefill_plan
+from cyllama_cffi.lowlevel.batch import LlamaBatch
+from cyllama_cffi.lowlevel.context import LlamaContext
+
+CONFIG = GenerationConfig(temperature=0.0, max_tokens=12, n_threads=2, n_ctx=1024)
+NOTES = " ".join(f"Note {i}: the {w} by the {v} opens at {i % 12 + 1} o'clock." for i, (w, v) in enumerate(
+    zip(("bakery mill school chapel forge market harbour tower " * 3).split(),
+        ("river bridge square gate hill road canal wall " * 3).split())))
+SYSTEM = {"role": "system", "content": "You answer questions about the town from these notes. " + NOTES}
+
+
+def fresh(model_path, prompt, chat=False):
+    with LLM(model_path, config=CONFIG) as llm:
+        return (llm.chat(prompt) if chat else llm(prompt)).text
+
+
+def n_tokens(llm, messages):
+    return len(llm.tokenize(llm.format_chat(messages), add_special=False, parse_special=True))
+
+
+@pytest.fixture
+def llm(model_path):
+    with LLM(model_path, config=CONFIG) as instance:
+        yield instance
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The sizes of the prompt chunks decoded from now on."""
+    sizes = []
+    original = KVSequence.decode_chunk
+
+    def counting(self, tokens, logits_last):
+        sizes.append(len(tokens))
+        return original(self, tokens, logits_last)
+
+    monkeypatch.setattr(KVSequence, "decode_chunk", counting)
+    return sizes
+
+
+def test_prefill_plan_keeps_every_chunk_of_a_long_prompt_tiled():
+    for step in (128, 256, 512):
+        for start, end in ((0, 64), (0, 700), (300, 365), (512, 1100), (5, 5 + 3 * step + 1)):
+            plan = prefill_plan(start, end, step)
+            assert plan[0][0] == start and plan[-1][1] == end
+            assert all(b - a <= step for a, b in plan)
+            assert all(a == b0 for (_, b0), (a, _) in zip(plan, plan[1:]))
+            assert set(plan_kinds(plan)) == {chunk_kind(TILED)}
+    assert plan_kinds(prefill_plan(0, 63, 512)) == bytes([chunk_kind(63)]) * 63
+    assert prefill_plan(0, 1, 512) == [(0, 1)] and prefill_plan(3, 3, 512) == []
+
+
+def test_a_prefix_decoded_in_planned_chunks_gives_the_fresh_logits_bit_for_bit(llm):
+    """The fact reuse stands on, on this build: the split point does not change a single bit."""
+    prompt = llm.tokenize(SYSTEM["content"] + " Which note mentions the forge?")
+    assert len(prompt) > 2 * TILED + 20
+    with LlamaContext(llm.model, n_ctx=1024, n_threads=2) as ctx, LlamaBatch(512) as batch:
+        def last_logits(cuts):
+            ctx.memory_seq_rm(0, -1, -1)
+            bounds = [0, *cuts, len(prompt)]
+            for a, b in zip(bounds, bounds[1:]):
+                for start, end in prefill_plan(a, b, 512):
+                    batch.set_tokens(prompt[start:end], start, 0, logits_last=end == len(prompt))
+                    ctx.decode(batch)
+            return np.array(ctx.get_logits_ith(-1))
+
+        reference = last_logits([])
+        for cut in (TILED, 101, len(prompt) // 2, len(prompt) - TILED):
+            assert np.array_equal(last_logits([cut]), reference), cut
+
+
+def test_chat_turns_decode_only_their_new_tokens_and_match_fresh(llm, model_path, decoded):
+    messages = [SYSTEM, {"role": "user", "content": "When does the bakery open?"}]
+    n_previous = 0
+    for turn in ["And the mill?", "Which one opens first?", "Thanks. And the school?"]:
+        expected = fresh(model_path, messages, chat=True)
+        decoded.clear()
+        answer = llm.chat(messages).text
+        assert answer == expected
+        n_prompt = n_tokens(llm, messages)
+        if n_previous:  # the previous prompt came from the cache; its answer and the new turn did not
+            assert TILED <= sum(decoded) <= max(TILED, n_prompt - n_previous + 2)
+        n_previous = n_prompt
+        messages = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": turn}]
+
+
+def test_system_prompt_reused_for_other_questions(llm, model_path, decoded):
+    for question in ["When does the forge open?", "Where is the chapel?", "Name two places by the river."]:
+        messages = [SYSTEM, {"role": "user", "content": question}]
+        expected = fresh(model_path, messages, chat=True)
+        decoded.clear()
+        assert llm.chat(messages).text == expected
+        if question != "When does the forge open?":
+            assert sum(decoded) == TILED  # the question and the template's tokens are fewer than 64
+
+
+def test_retry_decodes_the_last_64_tokens(llm, model_path, decoded):
+    prompt = SYSTEM["content"] + " The chapel"
+    first = llm(prompt).text
+    assert first == fresh(model_path, prompt)
+    decoded.clear()
+    assert llm(prompt).text == first
+    assert decoded == [TILED]
+
+
+def test_cancel_mid_generation_then_next_turn_matches_fresh(llm, model_path):
+    messages = [SYSTEM, {"role": "user", "content": "Describe the market."}]
+    chunks = []
+
+    def cancel_at_two(chunk):
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            llm.cancel()
+
+    stream = llm.stream(llm.format_chat(messages), on_token=cancel_at_two)
+    partial = "".join(stream)
+    assert stream.finish_reason == "cancelled" and partial
+    follow = messages + [{"role": "assistant", "content": partial}, {"role": "user", "content": "Go on."}]
+    assert llm.chat(follow).text == fresh(model_path, follow, chat=True)
+    assert llm.chat(messages).text == fresh(model_path, messages, chat=True)  # a retry of the cancelled turn
+
+
+def test_cancel_mid_prefill_then_retry_matches_fresh_and_reuses_the_done_chunk(llm, model_path, monkeypatch):
+    prompt = (SYSTEM["content"] + " ") * 2 + "Which note is the last?"
+    n_prompt = len(llm.tokenize(prompt))
+    assert n_prompt > 600  # two chunks
+    expected = fresh(model_path, prompt)
+    original = KVSequence.decode_chunk
+    sizes = []
+
+    def cancel_after_first(self, tokens, logits_last):
+        original(self, tokens, logits_last)
+        sizes.append(len(tokens))
+        llm.cancel()
+
+    monkeypatch.setattr(KVSequence, "decode_chunk", cancel_after_first)
+    response = llm(prompt)
+    monkeypatch.setattr(KVSequence, "decode_chunk", original)
+    assert response.finish_reason == "cancelled" and response.text == ""
+    assert len(llm._seq.tokens) == sizes[0] == llm._seq.n_prefilled
+    assert llm._seq.ctx.memory_seq_pos_max(0) == sizes[0] - 1
+    retried = []
+    monkeypatch.setattr(KVSequence, "decode_chunk",
+                        lambda self, tokens, logits_last: retried.append(len(tokens)) or original(self, tokens, logits_last))
+    assert llm(prompt).text == expected
+    assert retried == [n_prompt - sizes[0]]  # the chunk done before the cancel came from the cache
