@@ -10,6 +10,10 @@ only with the number of sequences whose text it hands out. Sequences join with :
 leave (finished, cancelled) between steps; their sequence id and KV cells are then free for
 the next one. One thread drives the steps; :meth:`cancel` (any thread) stops them all, even
 inside a running decode, and :meth:`EngineSequence.cancel` ends one at the next step.
+
+A sequence made with ``logprobs=n`` also keeps a :class:`~cyllama_cffi.TokenLogprob` per
+generated token (docs/logprobs.md), from the row of raw logits its token was picked from; the
+rows of the others are never read.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from __future__ import annotations
 import time
 from array import array
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ._cancel import Cancellation
 from ._ffi import ffi
+from ._logprobs import MAX_LOGPROBS
 from ._text import TextAssembler
 from .errors import ClosedError, DecodeAborted
 from .lowlevel.batch import LlamaBatch
@@ -28,6 +33,9 @@ from .lowlevel.context import LlamaContext
 from .lowlevel.model import LlamaModel
 from .lowlevel.sampler import LlamaSampler
 from .response import FinishReason, GenerationStats
+
+if TYPE_CHECKING:
+    from ._logprobs import TokenLogprob
 
 __all__ = ["Engine", "EngineSequence"]
 
@@ -39,13 +47,20 @@ class EngineSequence:
 
     ``on_text`` receives each piece of text as soon as it is final (whole characters, stop
     sequences held back and cut); without one the pieces collect in ``pieces``.
-    ``finish_reason`` is None while it runs.
+    ``finish_reason`` is None while it runs. ``logprobs=n`` (0 to 20; None, the default, is
+    off) keeps in ``logprobs`` an entry per token of ``generated``, each with the ``n`` most
+    likely alternatives (0: the token's own log-probability only); an entry is on record before
+    its token's text reaches ``on_text``.
     """
 
     def __init__(self, prompt: Sequence[int], sampler: LlamaSampler, max_tokens: int,
-                 stop_sequences: Sequence[str] = (), on_text: Optional[TextSink] = None) -> None:
+                 stop_sequences: Sequence[str] = (), on_text: Optional[TextSink] = None,
+                 logprobs: Optional[int] = None) -> None:
         if not prompt:
             raise ValueError("the prompt is empty; give at least one token")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int between 0 and {MAX_LOGPROBS}, got {logprobs!r}")
         self.prompt = list(prompt)
         self.sampler = sampler
         self.max_tokens = max_tokens
@@ -53,6 +68,8 @@ class EngineSequence:
         self.pieces: List[str] = []
         self.on_text: TextSink = on_text if on_text is not None else self.pieces.append
         self.generated: List[int] = []
+        self.n_logprobs = logprobs
+        self.logprobs: Optional[List["TokenLogprob"]] = [] if logprobs is not None else None
         self.cached: List[int] = []  # tokens whose K/V are in the cache, in position order
         self.seq_id = -1  # assigned when the engine takes it
         self.n_reused = 0  # prompt tokens whose cells were already in the sequence (prefix affinity)
@@ -157,6 +174,7 @@ class Engine:
         self._pick_rows = ffi.new("int32_t[]", n_seq_max)
         self._samplers = ffi.new("struct llama_sampler *[]", n_seq_max)
         self._picked = ffi.new("int32_t[]", n_seq_max)
+        self._logits_row: Any = None  # float64[n_vocab], made when a sequence first asks for logprobs
 
     # -- membership ---------------------------------------------------------------------------
     @property
@@ -253,9 +271,22 @@ class Engine:
         for index, sequence in enumerate(pickers):
             if not sequence.t_prompt_done:
                 sequence.t_prompt_done = now
-            sequence._take(self._picked[index], is_eog, piece_bytes)
+            token = self._picked[index]
+            if sequence.logprobs is not None and not is_eog(token):  # on record before its text goes out
+                sequence.logprobs.append(self._token_logprob(self._pick_rows[index], token, sequence.n_logprobs))
+            sequence._take(token, is_eog, piece_bytes)
         for sequence in [s for s in self._running if s.finished]:
             self._release(sequence)
+
+    def _token_logprob(self, row: int, token: int, n: int) -> "TokenLogprob":
+        """The entry of ``token``, picked from batch row ``row`` of the step just decoded."""
+        from ._logprobs import token_logprob
+
+        if self._logits_row is None:
+            import numpy as np
+
+            self._logits_row = np.empty(self.ctx.vocab.n_tokens, dtype=np.float64)
+        return token_logprob(self.ctx.copy_logits(row, self._logits_row), token, n, self.ctx.vocab.piece_bytes)
 
     def _fill(self) -> Tuple[int, List[EngineSequence], List[Tuple[EngineSequence, int]], List[EngineSequence]]:
         """Write the step's rows into the C arrays: a token of each generating sequence first,

@@ -4,6 +4,7 @@ Every step is one ``llama_decode`` for all the prompts (see :mod:`cyllama_cffi._
 CPU eight prompts take far less than eight times one, and on a GPU the gain is larger still.
 Each prompt has its own sampler chain: greedy output of a prompt is the same as that prompt
 generated alone. ``cancel()`` (from any thread) stops the whole batch, even during its prompts.
+``GenerationConfig(logprobs=n)`` fills each ``Response.logprobs`` as ``LLM`` does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 from ._engine import Engine, EngineSequence
 from ._logging import set_verbose
@@ -20,6 +21,9 @@ from .errors import ClosedError, LLMBusyError
 from .lowlevel.model import LlamaModel
 from .response import Response
 from .sampling import build_sampler
+
+if TYPE_CHECKING:
+    from ._logprobs import TokenLogprob
 
 __all__ = ["BatchGenerator", "BatchRequest", "BatchResponse", "batch_generate"]
 
@@ -36,13 +40,14 @@ class BatchRequest:
 
 @dataclass
 class BatchResponse:
-    """The answer to one :class:`BatchRequest`."""
+    """The answer to one :class:`BatchRequest`; ``logprobs`` as in ``Response`` (None unless asked)."""
 
     id: int
     prompt: str
     response: str
     tokens_generated: int
     time_taken: float
+    logprobs: Optional[List["TokenLogprob"]] = None
 
 
 class BatchGenerator:
@@ -116,7 +121,8 @@ class BatchGenerator:
         configs = [base.replace(max_tokens=r.max_tokens, temperature=r.temperature) for r in requests]
         responses = self._generate([r.prompt for r in requests], configs)
         return [BatchResponse(id=request.id, prompt=request.prompt, response=response.text,
-                              tokens_generated=response.stats.generated_tokens, time_taken=response.stats.total_time)
+                              tokens_generated=response.stats.generated_tokens, time_taken=response.stats.total_time,
+                              logprobs=response.logprobs)
                 for request, response in zip(requests, responses)]
 
     def cancel(self) -> None:
@@ -142,8 +148,8 @@ class BatchGenerator:
         try:
             engine.begin()
             sequences = [engine.add(EngineSequence(tokens, build_sampler(config, self.vocab, engine.seq_capacity),
-                                                   config.max_tokens,
-                                                   config.stop_sequences))
+                                                   config.max_tokens, config.stop_sequences,
+                                                   logprobs=config.logprobs or None))
                          for tokens, config in zip(token_lists, configs)]
             engine.run()
         finally:
@@ -151,7 +157,7 @@ class BatchGenerator:
                 engine.drop(sequence)
             self._lock.release()
         model = self.model_path
-        return [Response(s.text, s.stats, s.finish_reason, model) for s in sequences]
+        return [Response(s.text, s.stats, s.finish_reason, model, logprobs=s.logprobs) for s in sequences]
 
     def _tokens(self, prompt: str, config: GenerationConfig, index: int) -> List[int]:
         tokens = self.vocab.tokenize(prompt, add_special=config.add_bos, parse_special=config.parse_special)

@@ -207,6 +207,91 @@ def test_json_modes_give_valid_json(server):
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
 
+# -- log-probabilities and logit bias -------------------------------------------------------------
+
+def assert_same_chat_entries(got, expected):
+    assert [e.token for e in got] == [e.token for e in expected]
+    for mine, theirs in zip(got, expected):
+        # The repeated prompt reuses the first request's cells and decodes only its last token:
+        # the sums differ in the last bits.
+        assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+        assert [t.token for t in mine.top_logprobs] == [t.token for t in theirs.top_logprobs]
+
+
+def test_chat_logprobs_with_the_openai_client_streamed_and_not(server):
+    from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob
+
+    client = openai_client(server)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    # A stop sequence met in the answer: its tokens' text is held back, their entries still come.
+    request = dict(model="any", messages=messages, max_tokens=16, temperature=0, logprobs=True, top_logprobs=3,
+                   stop=[" la "])
+    plain = client.chat.completions.create(**request)
+    choice = plain.choices[0]
+    entries = choice.logprobs.content
+    assert all(isinstance(e, ChatCompletionTokenLogprob) for e in entries)
+    assert len(entries) == plain.usage.completion_tokens > 0  # every generated token, none for the end
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in entries)  # greedy
+    assert all(e.logprob == e.top_logprobs[0].logprob <= 0 for e in entries)
+    joined = bytes(b for e in entries for b in e.bytes).decode()
+    assert choice.finish_reason == "stop" and " la " not in choice.message.content
+    assert joined.startswith(choice.message.content) and " la " in joined[len(choice.message.content):]
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].logprobs is None  # the role chunk
+    streamed = [e for c in chunks[1:] if c.choices for e in c.choices[0].logprobs.content]
+    assert_same_chat_entries(streamed, entries)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].usage.completion_tokens == len(streamed)
+    # no top_logprobs: the tokens' own log-probabilities only
+    bare = client.chat.completions.create(**{**request, "top_logprobs": None, "max_tokens": 4, "stop": None})
+    assert bare.choices[0].logprobs.content and all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+    assert client.chat.completions.create(**{**request, "logprobs": False, "top_logprobs": None}).choices[0] \
+        .logprobs is None
+
+
+def test_completions_logprobs_streamed_and_not(server, model):
+    client = openai_client(server)
+    prompt = "The capital of France is"
+    request = dict(model="any", prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    plain = client.completions.create(**request)
+    logprobs = plain.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) \
+        == len(logprobs.text_offset) == plain.usage.completion_tokens
+    assert "".join(logprobs.tokens) == plain.choices[0].text
+    # offsets count from the prompt's start, as OpenAI's do
+    assert logprobs.text_offset == [len(prompt) + len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        # the 2 most likely, and the token (among them: greedy)
+        assert len(top) == 2 and top[token] == value == max(top.values())
+    chunks = [c.choices[0] for c in client.completions.create(**request, stream=True) if c.choices]
+    joined = {key: [v for c in chunks for v in getattr(c.logprobs, key)] for key in ("tokens", "text_offset")}
+    assert joined == {"tokens": logprobs.tokens, "text_offset": logprobs.text_offset}
+    streamed = [v for c in chunks for v in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(logprobs.token_logprobs, abs=1e-4)
+    assert all(c.logprobs.tokens == [] or "".join(c.logprobs.tokens) == c.text for c in chunks)
+    ids = client.completions.create(**{**request, "prompt": model.vocab.tokenize(prompt, add_special=False)})
+    assert ids.choices[0].logprobs.text_offset[0] == len(prompt)  # a prompt of token ids counts as its text
+
+
+def test_logit_bias_forces_and_bans_tokens(server, model):
+    client = openai_client(server)
+    prompt = "The capital of France is"
+    london = model.vocab.tokenize(" London", add_special=False)[0]
+    paris = model.vocab.tokenize(" Paris", add_special=False)[0]
+    request = dict(model="any", prompt=prompt, max_tokens=3, temperature=0)
+    assert client.completions.create(**request).choices[0].text.startswith(" Paris")
+    forced = client.completions.create(**request, logit_bias={str(london): 100})
+    assert forced.choices[0].text == " London" * 3
+    banned = client.completions.create(**request, logit_bias={str(paris): -100}, logprobs=1)
+    assert " Paris" not in banned.choices[0].text
+    # the log-probabilities describe the model, not the bias: " Paris" is still what it finds most likely
+    first = banned.choices[0].logprobs.top_logprobs[0]
+    assert first[" Paris"] == max(first.values()) and banned.choices[0].logprobs.tokens[0] != " Paris"
+    chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          temperature=0, logit_bias={str(london): 100})
+    assert chat.choices[0].message.content == " London" * 2
+
+
 # -- clients that leave -------------------------------------------------------------------------
 
 def test_disconnect_during_the_prompt_frees_the_slot(server):
@@ -257,10 +342,14 @@ def test_bad_requests_get_openai_errors(server):
     assert_error(server.post("/v1/chat/completions", {**chat, "max_tokens": -1}), 400, "max_tokens")
     assert_error(server.post("/v1/chat/completions", {**chat, "stop": [1]}), 400, "stop")
     assert_error(server.post("/v1/chat/completions", {"messages": "hi"}), 400, "messages")
-    error = assert_error(server.post("/v1/chat/completions", {**chat, "logprobs": True}), 400, "logprobs")
+    error = assert_error(server.post("/v1/chat/completions", {**chat, "top_logprobs": 2}), 400, "top_logprobs")
     assert error["type"] == "invalid_request_error" and error["code"] is None
-    assert_error(server.post("/v1/chat/completions", {**chat, "top_logprobs": 2}), 400, "top_logprobs")
-    assert_error(server.post("/v1/completions", {"prompt": "hi", "logprobs": 2}), 400, "logprobs")
+    assert_error(server.post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}), 400,
+                 "top_logprobs")
+    assert_error(server.post("/v1/chat/completions", {**chat, "logprobs": 2}), 400, "logprobs")
+    assert_error(server.post("/v1/completions", {"prompt": "hi", "logprobs": 21}), 400, "logprobs")
+    for bias in ({"999999999": 5}, {"12": 150}, {"twelve": 1}, [[12, 1]]):
+        assert_error(server.post("/v1/completions", {"prompt": "hi", "logit_bias": bias}), 400, "logit_bias")
     assert_error(server.post("/v1/chat/completions", {**chat, "n": 2}), 400, "n")
     assert_error(server.post("/v1/chat/completions", {**chat, "tools": [{"type": "function"}]}), 400, "tools")
     # "off" values of fields that are not built, and names OpenAI does not define, are accepted

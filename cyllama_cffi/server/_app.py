@@ -4,6 +4,9 @@ Handlers never call into the engine: they check the request (:mod:`._protocol`),
 on a worker thread, and submit a :class:`~._scheduler.Job` whose sink hands each event to the
 event loop with ``loop.call_soon_threadsafe``. A handler watches its connection while it
 waits: a client that goes away cancels its job, which frees the slot at the next step.
+Log-probability entries arrive as their own events just before the text of their tokens: a
+stream chunk carries the entries that came since the chunk before it, the final chunk (the
+one with ``finish_reason``) the rest, so each token's entry is sent exactly once.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..chat_template import apply_chat_template
 from ..config import GenerationConfig
 from ..errors import ChatTemplateError
 from ..lowlevel.model import LlamaModel
+from ._logprobs import CompletionLogprobs, chat_logprobs
 from ._metrics import Metrics
 from ._protocol import APIError, Completion, error_body, parse_chat, parse_completion, parse_embeddings
 from ._scheduler import Job, QueueFull, Scheduler, ShuttingDown, Usage
@@ -122,6 +126,12 @@ class _State:
             raise APIError(400, f"the prompt has {len(tokens)} tokens but a slot holds {self.capacity} "
                                 f"(--ctx-size {s.ctx_size} / --parallel {s.parallel}); shorten the prompt or "
                                 "raise --ctx-size", param, code="context_length_exceeded")
+        bias = request.sampling.get("logit_bias")
+        if bias:
+            try:
+                self.vocab.check_tokens(bias)
+            except (ValueError, TypeError) as error:
+                raise APIError(400, f"'logit_bias': {error}", "logit_bias") from None
         max_tokens = request.max_tokens if request.max_tokens is not None else self.capacity
         try:
             config = GenerationConfig(max_tokens=max_tokens, stop_sequences=request.stop,
@@ -349,8 +359,16 @@ def _routes(app: FastAPI, state: _State) -> None:
 async def _generate(state: _State, request: Request, order: Completion, chat: bool) -> Response:
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     tokens, config = await run_in_threadpool(state.prepare, order)
+    shape_logprobs = None  # entries -> this endpoint's logprobs object (None: not asked)
+    if order.logprobs is not None:
+        if chat:
+            shape_logprobs = chat_logprobs
+        else:
+            prompt = order.prompt if isinstance(order.prompt, str) else \
+                await run_in_threadpool(state.vocab.detokenize, tokens)
+            shape_logprobs = CompletionLogprobs(len(prompt)).piece
     events = _Events()
-    job = Job(tokens, config, events.sink)
+    job = Job(tokens, config, events.sink, logprobs=order.logprobs)
     try:
         state.scheduler.submit(job)
     except QueueFull as full:
@@ -372,12 +390,18 @@ async def _generate(state: _State, request: Request, order: Completion, chat: bo
     if order.stream:
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
+        pending: List[Any] = []  # entries of the tokens since the last chunk
+
         def chunk(text: Optional[str], finish: Optional[str]) -> Dict[str, Any]:
+            logprobs = None
+            if shape_logprobs is not None and (text is not None or finish is not None):  # not the role chunk
+                logprobs = shape_logprobs(pending)
+                pending.clear()
             if chat:
                 delta: Dict[str, Any] = {} if text is None else {"content": text}
-                choice: Dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice: Dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             return {"id": ident, "object": kind_name, "created": created, "model": model, "choices": [choice]}
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -388,6 +412,9 @@ async def _generate(state: _State, request: Request, order: Completion, chat: bo
                     yield _sse(first)
                 while True:
                     kind, value = await events.queue.get()
+                    if kind == "logprobs":  # the entries of the next chunk's tokens (or the final one's)
+                        pending.extend(value)
+                        continue
                     if kind == "text":
                         yield _sse(chunk(value, None))
                         continue
@@ -415,11 +442,14 @@ async def _generate(state: _State, request: Request, order: Completion, chat: bo
 
     watcher = asyncio.ensure_future(_watch_disconnect(request, stop_waiting))
     pieces: List[str] = []
+    entries: List[Any] = []
     try:
         while True:
             kind, value = await events.queue.get()
             if kind == "text":
                 pieces.append(value)
+            elif kind == "logprobs":
+                entries.extend(value)
             elif kind == "gone":  # the client left; the job's own end still comes, ignore it
                 metrics.request(endpoint, "disconnected")
                 return Response(status_code=499)
@@ -433,12 +463,13 @@ async def _generate(state: _State, request: Request, order: Completion, chat: bo
         job.cancel()
     metrics.request(endpoint, outcome(reason))
     text = "".join(pieces)
+    logprobs = shape_logprobs(entries) if shape_logprobs is not None else None
     if chat:
         choice: Dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "logprobs": None, "finish_reason": str(reason)}
+                                  "logprobs": logprobs, "finish_reason": str(reason)}
         kind_name = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": str(reason)}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": str(reason)}
         kind_name = "text_completion"
     return JSONResponse({"id": ident, "object": kind_name, "created": created, "model": model,
                          "choices": [choice], "usage": _usage(usage)})

@@ -8,11 +8,13 @@ OpenAI's. The policy on fields:
 * honoured: ``model`` (any name is accepted: the server has one model), ``max_tokens`` /
   ``max_completion_tokens``, ``temperature``, ``top_p``, ``frequency_penalty`` and
   ``presence_penalty`` (>= 0), ``stop``, ``seed``, ``stream``, ``stream_options.include_usage``,
-  ``response_format`` (``text``, ``json_object``, ``json_schema``), ``n`` (1 only), and the
-  llama.cpp extensions ``top_k``, ``min_p``, ``repeat_penalty``;
-* OpenAI fields that are not built (``logprobs``, ``top_logprobs``, tools, ``logit_bias``,
-  ``echo``, ``suffix``, ``best_of`` > 1, audio...) are a 400 naming the field, unless given
-  with their "off" value (``false``, ``null``, ``{}``, ``1``);
+  ``response_format`` (``text``, ``json_object``, ``json_schema``), ``n`` (1 only),
+  ``logprobs`` (chat: ``true`` with ``top_logprobs`` 0 to 20; completions: 0 to 20),
+  ``logit_bias`` (token ids to -100..100), and the llama.cpp extensions ``top_k``, ``min_p``,
+  ``repeat_penalty``;
+* OpenAI fields that are not built (tools, ``echo``, ``suffix``, ``best_of`` > 1, audio...)
+  are a 400 naming the field, unless given with their "off" value (``false``, ``null``,
+  ``[]``, ``1``);
 * fields that only label a request (``user``, ``metadata``, ``store``, ``service_tier``...)
   and names OpenAI does not define are ignored, so clients that send extras still work.
 """
@@ -20,12 +22,16 @@ OpenAI's. The policy on fields:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .._logprobs import MAX_LOGPROBS
 
 __all__ = ["APIError", "Completion", "parse_completion", "parse_chat", "parse_embeddings", "error_body"]
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_BIAS = 100.0  # OpenAI's range for a logit bias: -100 to 100
 
 
 class APIError(Exception):
@@ -69,13 +75,14 @@ class Completion:
     include_usage: bool = False
     response_format: Optional[Dict[str, Any]] = None  # the json_schema, {} for json_object
     model: Optional[str] = None
+    logprobs: Optional[int] = None  # None: off; n: an entry per token with n alternatives
 
 
 # Fields OpenAI defines that this server does not build, and the values that mean "off".
 _NOT_BUILT: Dict[str, Tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "parallel_tool_calls": (None, False, True),
-    "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
     "reasoning_effort": (None,),
 }
@@ -177,6 +184,25 @@ def _response_format(body: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
               "response_format")
 
 
+def _logit_bias(body: Mapping[str, Any]) -> Optional[Dict[int, float]]:
+    """``{"token id": bias}`` as ``{id: bias}``; whether the ids are in the vocabulary is checked later."""
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad(f"'logit_bias' must be an object mapping token ids to numbers, got {_json_type(value)}",
+                  "logit_bias")
+    biases: Dict[int, float] = {}
+    for key, bias in value.items():
+        if not re.fullmatch(r"[0-9]{1,10}", key):
+            raise bad(f"'logit_bias' keys must be token ids (non-negative integers), got {key!r}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise bad(f"'logit_bias' values must be numbers from {-MAX_BIAS:g} to {MAX_BIAS:g}, got {bias!r} "
+                      f"for token {key}", "logit_bias")
+        biases[int(key)] = float(bias)
+    return biases or None
+
+
 def _common(body: Mapping[str, Any], max_tokens_default: Optional[int]) -> Completion:
     _not_built(body)
     n = _integer(body, "n", 1, 128)
@@ -206,6 +232,9 @@ def _common(body: Mapping[str, Any], max_tokens_default: Optional[int]) -> Compl
         "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
         "repeat_penalty": _number(body, "repeat_penalty", 1.0, 0.0, 10.0),
     }
+    bias = _logit_bias(body)
+    if bias:
+        sampling["logit_bias"] = bias
     seed = _integer(body, "seed", -(2**63), 2**63 - 1)
     if seed is not None:
         sampling["seed"] = seed % 2**32 if seed % 2**32 != 0xFFFFFFFF else 0  # 0xFFFFFFFF means "random"
@@ -233,6 +262,8 @@ def parse_completion(body: Any) -> Completion:
         raise bad("'prompt' must be a string or an array of token ids", "prompt")
     request = _common(body, 16)  # OpenAI's default for completions
     request.prompt = prompt
+    if body.get("logprobs") is not False:  # false: off, as null
+        request.logprobs = _integer(body, "logprobs", 0, MAX_LOGPROBS)
     return request
 
 
@@ -270,6 +301,11 @@ def parse_chat(body: Any) -> Completion:
         checked.append({"role": "system" if role == "developer" else role, "content": content})
     request = _common(body, None)
     request.messages = checked
+    top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if _flag(body, "logprobs"):
+        request.logprobs = top or 0
+    elif top:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return request
 
 

@@ -6,7 +6,10 @@ thread; a bounded queue holds jobs waiting for a slot (:class:`QueueFull` past i
 two steps the thread admits queued jobs into free slots (each with its own sampler chain, stop
 rules and grammar) and drops cancelled ones, then steps: one ``llama_decode`` for every slot.
 It reports each job's text, and its end, through the job's ``sink`` (called on this thread:
-the sink hands the event to the event loop). Idle, it sleeps on a condition.
+the sink hands the event to the event loop). A job that asked for log-probabilities gets the
+entries of its new tokens just before each piece of text, and the rest (tokens whose text was
+held back: a stop sequence) just before its end: each entry exactly once, in token order.
+Idle, it sleeps on a condition.
 """
 
 from __future__ import annotations
@@ -44,16 +47,23 @@ class Usage:
     cached_tokens: int  # prompt tokens found in the slot's cells, not decoded again
 
 
-Sink = Callable[[str, Any], None]  # ("text", str) | ("done", (finish_reason, Usage)) | ("error", str)
+# ("text", str) | ("logprobs", [TokenLogprob]) | ("done", (finish_reason, Usage)) | ("error", str)
+Sink = Callable[[str, Any], None]
 
 
 class Job:
-    """One request's generation: its tokens, its config, where its text goes."""
+    """One request's generation: its tokens, its config, where its text goes.
 
-    def __init__(self, prompt: List[int], config: GenerationConfig, sink: Sink) -> None:
+    ``logprobs``: None (off), or how many alternatives each token's entry lists (0 to 20).
+    """
+
+    def __init__(self, prompt: List[int], config: GenerationConfig, sink: Sink,
+                 logprobs: Optional[int] = None) -> None:
         self.prompt = prompt
         self.config = config
         self.sink = sink
+        self.logprobs = logprobs
+        self._sent = 0  # log-probability entries handed to the sink so far
         self.sequence: Optional[EngineSequence] = None
         self.cancelled = False
         self.finished = False
@@ -72,6 +82,18 @@ class Job:
             sequence.cancel()
         if self._scheduler is not None:
             self._scheduler.wake()
+
+    # -- the scheduler thread -------------------------------------------------------------------
+    def _text(self, text: str) -> None:
+        """The sequence's ``on_text``: the entries of the tokens so far first, then the text."""
+        self._send_logprobs()
+        self.sink("text", text)
+
+    def _send_logprobs(self) -> None:
+        entries = self.sequence.logprobs if self.sequence is not None else None
+        if entries is not None and len(entries) > self._sent:
+            new, self._sent = entries[self._sent:], len(entries)
+            self.sink("logprobs", new)
 
 
 class Scheduler:
@@ -170,7 +192,7 @@ class Scheduler:
                     engine.begin()  # forget a cancel made while idle
                 sampler = build_sampler(job.config, engine.ctx.vocab, engine.seq_capacity)
                 sequence = EngineSequence(job.prompt, sampler, job.config.max_tokens, job.config.stop_sequences,
-                                          on_text=lambda text, job=job: job.sink("text", text))
+                                          on_text=job._text, logprobs=job.logprobs)
                 engine.add(sequence)
             except Exception as error:  # a grammar llama.cpp refuses, a prompt that cannot fit
                 self._end(job, "error", str(error))
@@ -211,6 +233,8 @@ class Scheduler:
     def _end(self, job: Job, kind: str, value: Any) -> None:
         job.finished = True
         try:
+            if kind == "done":
+                job._send_logprobs()  # the entries whose text was held back, then the end
             job.sink(kind, value)
         except Exception:  # a sink must not stop the engine
             _log.exception("a request's sink failed")

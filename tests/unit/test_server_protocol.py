@@ -57,8 +57,9 @@ def test_response_formats():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]), ("logit_bias", {"1": 5}),
-    ("n", 2), ("temperature", "hot"), ("temperature", 3), ("top_p", -0.1), ("max_tokens", 0),
+    ("logprobs", 1), ("top_logprobs", 2), ("top_logprobs", 21), ("tools", [{"type": "function"}]),
+    ("logit_bias", []), ("logit_bias", {"x": 5}), ("logit_bias", {"-1": 5}), ("logit_bias", {"1": 101}),
+    ("logit_bias", {"1": "5"}), ("logit_bias", {"1": True}), ("logit_bias", {"1": float("nan")}), ("n", 2), ("temperature", "hot"), ("temperature", 3), ("top_p", -0.1), ("max_tokens", 0),
     ("max_tokens", 1.5), ("stop", [1]), ("stop", ["a"] * 5), ("stream", "yes"), ("seed", True),
     ("frequency_penalty", -1), ("model", 3),
 ])
@@ -69,6 +70,32 @@ def test_bad_fields_are_refused_by_name(field, value):
 def test_off_values_and_unknown_names_are_accepted():
     parse_chat({**CHAT, "logprobs": False, "tools": [], "n": 1, "user": "me", "frobnicate": {"x": 1}})
     parse_completion({"prompt": "a", "logprobs": None, "echo": False, "best_of": 1})
+
+
+def test_logprobs_and_top_logprobs_for_chat():
+    assert parse_chat(CHAT).logprobs is None
+    assert parse_chat({**CHAT, "logprobs": False, "top_logprobs": 0}).logprobs is None
+    assert parse_chat({**CHAT, "logprobs": True}).logprobs == 0  # the tokens' own log-probabilities only
+    assert parse_chat({**CHAT, "logprobs": True, "top_logprobs": 20}).logprobs == 20
+    assert "'logprobs': true" in refused(parse_chat, {**CHAT, "logprobs": False, "top_logprobs": 3}).message
+
+
+def test_logprobs_for_completions_is_a_count():
+    assert parse_completion({"prompt": "a"}).logprobs is None
+    assert parse_completion({"prompt": "a", "logprobs": False}).logprobs is None
+    assert parse_completion({"prompt": "a", "logprobs": 0}).logprobs == 0
+    assert parse_completion({"prompt": "a", "logprobs": 5}).logprobs == 5
+    for value in (21, -1, True, 2.5, "3"):
+        assert refused(parse_completion, {"prompt": "a", "logprobs": value}).param == "logprobs"
+
+
+def test_logit_bias_becomes_a_sampling_setting():
+    order = parse_chat({**CHAT, "logit_bias": {"42": 100, "7": -100, "9": 0.5}})
+    assert order.sampling["logit_bias"] == {42: 100.0, 7: -100.0, 9: 0.5}
+    assert "logit_bias" not in parse_chat({**CHAT, "logit_bias": {}}).sampling
+    assert "logit_bias" not in parse_completion({"prompt": "a", "logit_bias": None}).sampling
+    error = refused(parse_completion, {"prompt": "a", "logit_bias": {"3": -100.5}})
+    assert error.param == "logit_bias" and "-100 to 100" in error.message
 
 
 def test_stream_options_need_a_stream():
