@@ -627,10 +627,11 @@ def make_ffibuilder(native: NativeBuild, link_dir: Optional[Path] = None):
 
 
 def copy_libraries(native: NativeBuild, destination: Path) -> List[Path]:
-    """Copy the native libraries (under their soname, no symlinks) next to the module."""
+    """Copy the native libraries (under their soname, no symlinks) next to the module,
+    and a portable build's CPU variants, which the package loads from its own directory."""
     destination.mkdir(parents=True, exist_ok=True)
     copied = []
-    for source in native.library_files():
+    for source in [*native.library_files(), *native.cpu_variant_files()]:
         target = destination / source.name
         real = source.resolve()
         if not (target.exists() and target.stat().st_size == real.stat().st_size
