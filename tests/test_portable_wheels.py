@@ -245,3 +245,23 @@ def test_the_wheel_runs_without_a_compiler(interpreter, portable_wheel, model_pa
     assert lines["CANCEL"].split() == ["cancelled", "0", "True"]
     assert lines["SIGINT"].split() == ["cancelled", "0"]
     assert lines["AGAIN"] == repr(reference)
+
+
+def test_the_variants_are_loaded_from_the_package_directory_only(portable_wheel, tmp_path):
+    """Without its variants the package fails to import with a clear message, even when the
+    working directory (one of ggml's default search places) holds all of them."""
+    unpacked = tmp_path / "site"
+    with zipfile.ZipFile(portable_wheel) as archive:
+        archive.extractall(unpacked)
+    package = unpacked / "cyllama_cffi"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for variant in package.glob("libggml-cpu-*.so"):
+        shutil.move(str(variant), str(cwd / variant.name))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GGML_", "PYTHON"))}
+    env["PYTHONPATH"] = str(unpacked)  # ahead of any installed copy; dependencies from this interpreter
+    result = subprocess.run([sys.executable, "-c", "import cyllama_cffi._ffi"], capture_output=True, text=True,
+                            cwd=str(cwd), env=env)
+    assert result.returncode != 0
+    assert "ImportError: cyllama_cffi found no CPU backend of ggml it can load in " + str(package) in result.stderr, \
+        result.stderr[-3000:]
