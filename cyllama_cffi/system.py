@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 _VARIANT_FILE = re.compile(r"^libggml-cpu-(.+)\.so$")
 
@@ -68,6 +68,38 @@ def system_info() -> SystemInfo:
         cpu_features=features,
         llama_system_info=ffi.string(lib.llama_print_system_info()).decode(errors="replace").strip(),
     )
+
+
+_vec_dot_probe: Optional[Callable[[int], bool]] = None
+
+
+def cpu_can_compute(ggml_type: int) -> bool:
+    """Whether ggml's CPU backend has a dot product for this tensor type (the types it
+    cannot compute with crash the first decode). The check lives in the CPU backend's
+    library: linked into libggml by a build from source, a loaded module in a portable
+    install, where it is reached through that module's own export."""
+    global _vec_dot_probe
+    if _vec_dot_probe is None:
+        _vec_dot_probe = _make_vec_dot_probe()
+    return _vec_dot_probe(ggml_type)
+
+
+def _make_vec_dot_probe() -> Callable[[int], bool]:
+    from ._ffi import ffi, lib
+
+    if hasattr(lib, "ggml_get_type_traits_cpu"):
+        return lambda ggml_type: lib.ggml_get_type_traits_cpu(ggml_type).vec_dot != ffi.NULL
+    library = system_info().cpu_library
+    if library is None:  # pragma: no cover - only where /proc/self/maps is missing
+        raise RuntimeError("cannot locate the loaded CPU backend of ggml")
+    import cffi
+
+    abi = cffi.FFI()
+    # ggml-cpu.h's struct ggml_type_traits_cpu, with its function pointers as void *
+    abi.cdef("struct traits { void *from_float; void *vec_dot; int vec_dot_type; int64_t nrows; };"
+             "const struct traits *ggml_get_type_traits_cpu(int type);")
+    module = abi.dlopen(library)  # already loaded: the same handle, nothing runs again
+    return lambda ggml_type: module.ggml_get_type_traits_cpu(ggml_type).vec_dot != abi.NULL
 
 
 def _library_holding(address: int) -> Optional[str]:
