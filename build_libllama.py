@@ -25,7 +25,10 @@ Environment variables (all optional):
 ``CYLLAMA_LLAMA_INCLUDE``  headers for the prebuilt library
                            (default ``$CYLLAMA_LIBLLAMA_DIR/../include``).
 ``CYLLAMA_BACKEND``        cpu (default), cuda, vulkan or metal.
-``CYLLAMA_NATIVE``         1 (default) builds for this CPU; 0 for portable wheels.
+``CYLLAMA_NATIVE``         1 (default) builds for this CPU; 0 for baseline x86-64 kernels only.
+``CYLLAMA_PORTABLE``       1 builds every CPU variant of ggml as a loadable module
+                           (``libggml-cpu-<variant>.so``); the package loads the best
+                           one for the running CPU at import. Used for portable wheels.
 ``CYLLAMA_CMAKE_ARGS``     extra arguments for the CMake configure step.
 ``CYLLAMA_CACHE_DIR``      cache root (default ``~/.cache/cyllama_cffi``).
 ``CYLLAMA_BUILD_JOBS``     parallel compile jobs (default: usable cores).
@@ -202,12 +205,25 @@ class NativeBuild:
     def library_files(self) -> List[Path]:
         """The real files (sonames) of the libraries we link, base first."""
         files = []
-        for name in NATIVE_LIBS:
+        for name in linked_libs():
             candidates = sorted(self.lib_dir.glob(f"lib{name}.so*")) + sorted(self.lib_dir.glob(f"lib{name}.dylib"))
             if not candidates:
                 raise BuildError(f"lib{name} not found in {self.lib_dir}")
             files.append(_soname_file(candidates))
         return files
+
+    def cpu_variant_files(self) -> List[Path]:
+        """A portable build's CPU backend modules (``libggml-cpu-<variant>.so``), loaded at run time."""
+        if not portable():
+            return []
+        return sorted(self.lib_dir.glob("libggml-cpu-*.so"))
+
+
+def linked_libs() -> Tuple[str, ...]:
+    """The libraries the extension links: a portable build loads its CPU backend instead."""
+    if portable():
+        return tuple(name for name in NATIVE_LIBS if name != "ggml-cpu")
+    return NATIVE_LIBS
 
 
 def _soname_file(candidates: Sequence[Path]) -> Path:
@@ -231,11 +247,26 @@ def read_soname(path: Path) -> Optional[str]:
     return match.group(1) if match else None
 
 
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "off", "false", "no", "")
+
+
+def portable() -> bool:
+    """``CYLLAMA_PORTABLE=1``: ship every CPU variant, chosen at load time."""
+    return _env_flag("CYLLAMA_PORTABLE", "0")
+
+
+# A portable build: ggml's CPU backend is not linked into libggml but built once per
+# instruction-set level as a module; ggml_backend_load_all_from_path() scores each
+# against the running CPU and loads the best (see cyllama_cffi/_ffi.py).
+PORTABLE_FLAGS = ["-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"]
+
+
 def cmake_flags() -> List[str]:
     backend = os.environ.get("CYLLAMA_BACKEND", "cpu").lower()
     if backend not in BACKEND_FLAGS:
         raise BuildError(f"CYLLAMA_BACKEND={backend!r}: choose one of {', '.join(BACKEND_FLAGS)}")
-    native = os.environ.get("CYLLAMA_NATIVE", "1").lower() not in ("0", "off", "false", "no")
+    native = _env_flag("CYLLAMA_NATIVE", "1") and not portable()
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=ON",
@@ -251,6 +282,7 @@ def cmake_flags() -> List[str]:
         "-DLLAMA_OPENSSL=OFF",
         f"-DGGML_NATIVE={'ON' if native else 'OFF'}",
         *BACKEND_FLAGS[backend],
+        *(PORTABLE_FLAGS if portable() else []),
     ]
     flags += shlex.split(os.environ.get("CYLLAMA_CMAKE_ARGS", ""))
     return flags
@@ -285,7 +317,8 @@ def tree_hash(tree: Path) -> str:
 def native_build_dir(tree: Path) -> Path:
     key_material = "\n".join([tree_hash(tree), *cmake_flags(), compiler_identity(), sys.platform])
     key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
-    return cache_root() / "native" / key
+    # Portable builds live apart so a developer finds (and clears) them separately.
+    return cache_root() / ("portable" if portable() else "native") / key
 
 
 def build_native(targets: Sequence[str] = ("llama",)) -> NativeBuild:
@@ -328,7 +361,7 @@ def build_native(targets: Sequence[str] = ("llama",)) -> NativeBuild:
 def _all_present(native: NativeBuild) -> bool:
     try:
         native.library_files()
-        return True
+        return not portable() or bool(native.cpu_variant_files())
     except BuildError:
         return False
 
@@ -594,10 +627,11 @@ def make_ffibuilder(native: NativeBuild, link_dir: Optional[Path] = None):
 
 
 def copy_libraries(native: NativeBuild, destination: Path) -> List[Path]:
-    """Copy the native libraries (under their soname, no symlinks) next to the module."""
+    """Copy the native libraries (under their soname, no symlinks) next to the module,
+    and a portable build's CPU variants, which the package loads from its own directory."""
     destination.mkdir(parents=True, exist_ok=True)
     copied = []
-    for source in native.library_files():
+    for source in [*native.library_files(), *native.cpu_variant_files()]:
         target = destination / source.name
         real = source.resolve()
         if not (target.exists() and target.stat().st_size == real.stat().st_size

@@ -4,6 +4,10 @@ Everything that knows about llama.cpp lives in build_libllama.py; this file only
 hooks it into ``build_ext`` so ``pip install .``, ``pip install -e .`` and
 ``python -m build`` all run the same steps and produce a platform wheel that
 carries ``libllama``/``libggml*`` next to the extension (``$ORIGIN`` rpath).
+
+With ``CYLLAMA_PORTABLE=1`` (scripts/build_portable_wheels.py) the wheel also carries
+ggml's CPU backend variants, and on CPython it is one ``abi3`` wheel for every
+version from 3.9 on: the C code cffi generates uses only the limited API.
 """
 
 import os
@@ -48,7 +52,11 @@ class BuildLibllama(build_ext):
         return outputs + [str(p) for p in package_dir.glob("lib*.so*")]
 
 
+# cffi's generated C defines Py_LIMITED_API itself; PyPy has no stable ABI to target.
+LIMITED_API = build_libllama.portable() and sys.implementation.name == "cpython"
+
 setup(
-    ext_modules=[Extension(build_libllama.MODULE_NAME, sources=[])],
+    ext_modules=[Extension(build_libllama.MODULE_NAME, sources=[], py_limited_api=LIMITED_API)],
     cmdclass={"build_ext": BuildLibllama},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if LIMITED_API else {},
 )

@@ -34,6 +34,7 @@ _EXPORTS: Dict[str, str] = {
     "TokenLogprob": "_logprobs", "TopLogprob": "_logprobs",
     "install_sigint_handler": "sigint", "SigintHandle": "sigint",
     "set_verbose": "_logging",
+    "system_info": "system", "SystemInfo": "system",
     "ResponseCacheInfo": "_response_cache",
     "estimate_gpu_layers": "memory", "estimate_memory_usage": "memory",
     "default_model_path": "models",
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .response import FinishReason, GenerationStats, Response
     from .sigint import SigintHandle, install_sigint_handler
     from .stream import Stream, StreamState
+    from .system import SystemInfo, system_info
 
 
 def __getattr__(name: str) -> Any:

@@ -25,6 +25,25 @@ except ImportError as error:  # pragma: no cover - only on a broken install
 from . import _logging
 
 _logging.install(ffi, lib)
+
+
+def _load_cpu_backend() -> None:
+    """A portable build ships ggml's CPU backend as one module per instruction-set level
+    (``libggml-cpu-<variant>.so`` next to this file) instead of linking it: load the best
+    one for this CPU, from this directory only (not the working directory, not
+    ``GGML_BACKEND_PATH``'s default search), before anything asks for a device."""
+    if lib.ggml_backend_dev_by_type(lib.GGML_BACKEND_DEVICE_TYPE_CPU) != ffi.NULL:
+        return  # built from source: the CPU backend is linked into libggml
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    lib.ggml_backend_load_all_from_path(os.fsencode(package_dir))
+    if lib.ggml_backend_dev_by_type(lib.GGML_BACKEND_DEVICE_TYPE_CPU) == ffi.NULL:
+        raise ImportError(
+            f"cyllama_cffi found no CPU backend of ggml it can load in {package_dir} "
+            "(expected libggml-cpu-<variant>.so files from a portable wheel; "
+            "reinstall the package)")
+
+
+_load_cpu_backend()
 lib.llama_backend_init()
 
 

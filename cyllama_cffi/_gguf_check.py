@@ -129,6 +129,7 @@ def _skip_value(reader: _Reader, value_type: int, key: str, depth: int = 0) -> o
 
 def _tensor_nbytes(ggml_type: int, dims: Tuple[int, ...], name: str, reader: _Reader) -> int:
     from ._ffi import ffi, lib  # the type table lives in ggml
+    from .system import cpu_can_compute
 
     if not 0 <= ggml_type < lib.GGML_TYPE_COUNT:
         raise reader.fail(f"tensor {name} has invalid type {ggml_type}")
@@ -136,7 +137,7 @@ def _tensor_nbytes(ggml_type: int, dims: Tuple[int, ...], name: str, reader: _Re
     type_size = lib.ggml_type_size(ggml_type)
     if block <= 0 or type_size <= 0:
         raise reader.fail(f"tensor {name} uses removed type {ggml_type}")
-    if lib.ggml_get_type_traits_cpu(ggml_type).vec_dot == ffi.NULL:
+    if not cpu_can_compute(ggml_type):
         # I8..I64, F64, Q8_1, Q8_K: llama.cpp loads them, then the first decode
         # segfaults or aborts in the CPU backend, which cannot compute with them.
         type_name = ffi.string(lib.ggml_type_name(ggml_type)).decode()

@@ -119,6 +119,13 @@ def check_install(out: str) -> None:
     assert lines(out)[-1] == "True"
 
 
+def check_system_info(out: str) -> None:
+    variant, summary = lines(out)[-2:]
+    # the suite runs a build from source; a portable wheel would name its variant
+    assert variant == "None" or variant.isidentifier(), out
+    assert summary.startswith("CPU backend: ") and " SSE3 " in summary, out  # x86-64: always SSE3
+
+
 def check_one_llm_each(out: str) -> None:
     found = lines(out)
     assert any(line.startswith("The capital of France is Paris") for line in found), out
@@ -244,6 +251,7 @@ EXPECTED: Dict[str, Callable[[str], None]] = {
     "quickstart-tokens": check_tokens,
     "quickstart-errors": check_errors,
     "install-check": check_install,
+    "building-system-info": check_system_info,
     "threads-one-llm-each": check_one_llm_each,
     "threads-taking-turns": check_taking_turns,
     "threads-busy": check_busy,
