@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Se
 from ._cancel import Cancellation
 from ._ffi import ffi
 from ._logprobs import MAX_LOGPROBS
+from ._sequence import prefill_plan
 from ._text import TextAssembler
 from .errors import ClosedError, DecodeAborted
 from .lowlevel.batch import LlamaBatch
@@ -73,6 +74,7 @@ class EngineSequence:
         self.cached: List[int] = []  # tokens whose K/V are in the cache, in position order
         self.seq_id = -1  # assigned when the engine takes it
         self.n_reused = 0  # prompt tokens whose cells were already in the sequence (prefix affinity)
+        self._chunk_ends: Deque[int] = deque()  # where the prompt's chunks end (set by the engine)
         self.capacity = 0  # positions the sequence may use in all
         self.pending = -1  # sampled, emitted, not yet decoded
         self.finish_reason: Optional[FinishReason] = None
@@ -136,10 +138,11 @@ class Engine:
     ``kv_unified=False`` (llama.cpp's default) gives each sequence ``n_ctx // n_seq_max``
     cells of its own, the fastest attention; ``True`` lets any sequence use any free cell.
     ``prompt_budget``: most prompt tokens one step reads (default: the whole batch). A prompt is
-    read in chunks that end at multiples of ``prompt_budget`` positions, whatever else the step
-    holds, so how a prompt is split does not depend on its neighbours (llama.cpp's sums do
-    depend on the split): a chunk that does not fit what is left of a step's budget waits for
-    the next step, unless the step has no prompt rows yet.
+    read in the chunks ``prefill_plan`` gives it (even chunks of at most ``prompt_budget``, as
+    ``LLM`` reads a prompt of micro-batches that size), whatever else the step holds, so how a
+    prompt is split does not depend on its neighbours (llama.cpp's sums do depend on the
+    split): a chunk that does not fit what is left of a step's budget waits for the next step,
+    unless the step has no prompt rows yet.
 
     ``keep_prefixes=True`` (prefix affinity, for servers): a sequence that finishes (not
     cancelled) leaves its cells and its token record behind; :meth:`add` gives a new sequence
@@ -202,6 +205,7 @@ class Engine:
         sequence.seq_id = seq_id
         sequence.cached = list(sequence.prompt[:keep])
         sequence.n_reused = keep
+        sequence._chunk_ends = deque(end for _, end in prefill_plan(keep, len(sequence.prompt), self.prompt_budget))
         sequence.capacity = self.seq_capacity
         self._running.append(sequence)
         if sequence.max_tokens <= 0:
@@ -211,9 +215,12 @@ class Engine:
     def _pick_id(self, prompt: Sequence[int]) -> Tuple[int, int]:
         """The free id to give ``prompt``, and how many of its tokens that id's cells hold already.
 
-        The longest common prefix wins (at least the prompt's last token is left to decode: its
-        logits pick the first token); without one, an id that holds nothing, else the one
-        freed longest ago, so that the records most recently left are kept longest.
+        The longest common prefix wins, generated tokens included (at least the prompt's last
+        token is left to decode: its logits pick the first token); without one, an id that holds
+        nothing, else the one freed longest ago, so that the records most recently left are kept
+        longest. Unlike ``LLM``'s reuse this is not bit-exact: the kept cells were computed in
+        other chunks than a fresh decode would use (a generated token alone, a prompt's tail in a
+        shorter chunk), whose sums differ in the last bits; a server wants the next turn's speed.
         """
         best, best_keep = -1, 0
         for seq_id in self._free_ids:
@@ -309,10 +316,13 @@ class Engine:
             start = len(sequence.cached)
             if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):
                 continue
-            # The chunk ends at the next multiple of prompt_budget (or the prompt's end), so that
-            # the split is the same whatever else runs; it waits if it does not fit, unless the
-            # step has no prompt rows yet (a step always makes progress).
-            count = min(self.prompt_budget - start % self.prompt_budget, len(sequence.prompt) - start)
+            # The chunk ends where the prompt's plan says, so that the split is the same whatever
+            # else runs; it waits if it does not fit, unless the step has no prompt rows yet (a
+            # step always makes progress).
+            while sequence._chunk_ends and sequence._chunk_ends[0] <= start:
+                sequence._chunk_ends.popleft()
+            end = sequence._chunk_ends[0] if sequence._chunk_ends else len(sequence.prompt)
+            count = end - start
             if count > budget:
                 if chunks:
                     continue

@@ -89,16 +89,7 @@ class KVSequence:
         """
         self.settle()
         record = self.tokens
-        step = self.step
-        fresh = plan_kinds(prefill_plan(0, len(prompt), step))
-        limit = min(len(self.kinds), len(prompt) - 2)  # at least two: a lone token takes other paths
-        keep = 0
-        while keep < limit and record[keep] == prompt[keep] and self.kinds[keep] == fresh[keep]:
-            keep += 1
-        tries = 2 * step  # enough for any step >= 2 * TILED; past it, decoding all is exact too
-        while keep > 0 and plan_kinds(prefill_plan(keep, len(prompt), step)) != fresh[keep:]:
-            keep = keep - 1 if tries > 0 else 0
-            tries -= 1
+        keep = reusable_prefix(record, self.kinds, prompt, self.step)
         if keep < len(record):
             self.ctx.memory_seq_rm(self.seq_id, keep, -1)
             del record[keep:]
@@ -174,6 +165,26 @@ def prefill_plan(start: int, end: int, step: int) -> List[Tuple[int, int]]:
     for index in range(count):
         bounds.append(bounds[-1] + base + (1 if index < extra else 0))
     return list(zip(bounds, bounds[1:]))
+
+
+def reusable_prefix(record: Sequence[int], kinds: Sequence[int], prompt: Sequence[int], step: int) -> int:
+    """How many of ``prompt``'s first tokens a cache holding ``record`` can keep, bit-exactly.
+
+    ``kinds``: the chunk kind of each of the record's first tokens that were decoded as a
+    prompt. A token is kept when it matches, was decoded in the chunk kind ``prefill_plan``
+    (chunks of at most ``step``) gives it when ``prompt`` is decoded from position 0, and the
+    plan of the rest decodes every remaining token in its fresh kind too.
+    """
+    fresh = plan_kinds(prefill_plan(0, len(prompt), step))
+    limit = min(len(kinds), len(record), len(prompt) - 2)  # at least two: a lone token takes other paths
+    keep = 0
+    while keep < limit and record[keep] == prompt[keep] and kinds[keep] == fresh[keep]:
+        keep += 1
+    tries = 2 * step  # enough for any step >= 2 * TILED; past it, decoding all is exact too
+    while keep > 0 and plan_kinds(prefill_plan(keep, len(prompt), step)) != fresh[keep:]:
+        keep = keep - 1 if tries > 0 else 0
+        tries -= 1
+    return keep
 
 
 def plan_kinds(plan: Sequence[Tuple[int, int]]) -> bytearray:

@@ -83,7 +83,9 @@ def test_prompts_longer_than_a_step_are_read_over_several_steps(model_path, solo
     with BatchGenerator(model_path, batch_size=128, n_ctx=2048, n_seq_max=2) as generator:
         steps = count_steps(generator, monkeypatch)
         response = generator.generate_batch([prompt], GREEDY)[0]
-    assert steps[:3] == [128, 128, response.stats.prompt_tokens - 256]
+    # Even chunks of at most a step, as LLM reads a prompt with micro-batches of that size.
+    n = response.stats.prompt_tokens
+    assert len(steps) > 3 and sum(steps[:3]) == n and max(steps[:3]) <= 128 and max(steps[:3]) - min(steps[:3]) <= 1
     # Alone with the same micro-batch size: llama.cpp's sums depend on how a prompt is split.
     assert response.text == solo(prompt, GREEDY.replace(n_batch=128, n_ubatch=128)).text
 
