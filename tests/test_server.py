@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import platform
 import random
 import signal
 import socket
@@ -148,6 +149,10 @@ def small(model_path):
 
 
 def openai_client(server: Server):
+    if platform.python_implementation() == "PyPy" and sys.version_info < (3, 10):
+        # openai needs jiter, a Rust extension with no wheel for PyPy 3.9 (pyproject.toml does
+        # not install it there); the same requests are checked with httpx in the other tests.
+        pytest.skip("the openai client cannot be installed on PyPy 3.9 (jiter has no pp39 wheel)")
     import openai
 
     return openai.OpenAI(base_url=server.url + "/v1", api_key=server.key or "unused", max_retries=0,
@@ -219,9 +224,9 @@ def assert_same_chat_entries(got, expected):
 
 
 def test_chat_logprobs_with_the_openai_client_streamed_and_not(server):
+    client = openai_client(server)
     from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob
 
-    client = openai_client(server)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     # A stop sequence met in the answer: its tokens' text is held back, their entries still come.
     request = dict(model="any", messages=messages, max_tokens=16, temperature=0, logprobs=True, top_logprobs=3,
