@@ -10,6 +10,7 @@ The cache is shared by whatever threads hold the LLM, so every operation takes o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -21,12 +22,30 @@ __all__ = ["ResponseCache", "ResponseCacheInfo", "cache_key", "copy_response", "
 # Seeds that ask llama.cpp for a random one: no two calls give the same text.
 _RANDOM_SEEDS = (None, -1, 0xFFFFFFFF)  # 0xFFFFFFFF is LLAMA_DEFAULT_SEED
 
-# The GenerationConfig fields that change what a generation produces. The rest (threads, batch
-# sizes, GPU placement, mmap) decide how fast it runs, not what it says; cyllama's key leaves
-# them out too. n_ctx is kept, unlike cyllama's key: a smaller context ends a generation sooner.
-OUTPUT_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_last_n",
-                 "frequency_penalty", "presence_penalty", "mirostat", "mirostat_tau", "mirostat_eta",
-                 "n_ctx", "seed", "add_bos", "parse_special", "logprobs")
+# The GenerationConfig fields that decide how fast a generation runs, not what it says (threads,
+# batch sizes, GPU placement, mmap); cyllama's key leaves them out too. Every other field is in
+# the key, so that a field added later is keyed unless it is listed here. n_ctx is kept, unlike
+# cyllama's key: a smaller context ends a generation sooner.
+SPEED_FIELDS = frozenset(("n_gpu_layers", "main_gpu", "split_mode", "tensor_split", "n_batch", "n_ubatch",
+                          "n_threads", "use_mmap"))
+
+
+def _hashable(value: Any) -> Hashable:
+    """A field's value as part of a key: lists and dicts (a JSON schema, logit_bias, DRY
+    breakers) become sorted tuples; a Grammar, a pydantic class... are keyed by their text."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), _hashable(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(_hashable(v) for v in value))
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return value
+    text = getattr(value, "gbnf", None)  # a Grammar object
+    if isinstance(text, str):
+        return ("grammar", text, getattr(value, "root", None))
+    schema = getattr(value, "model_json_schema", None)  # a pydantic model class
+    if callable(schema):
+        return ("schema", _hashable(schema()))
+    return ("object", repr(value))
 
 
 class ResponseCacheInfo(NamedTuple):
@@ -55,11 +74,17 @@ def cache_key(prompt: Any, config: Any) -> Optional[Hashable]:
         what = ("tokens", tuple(prompt))
     else:
         return None
-    settings = tuple(getattr(config, name) for name in OUTPUT_FIELDS)
-    # stop sequences as a set: the first one found ends the text, whatever their order
-    stops = tuple(sorted(set(config.stop_sequences)))
-    bias = tuple(sorted(config.logit_bias.items())) if config.logit_bias else ()  # a dict: not hashable
-    return what + settings + (stops, bias)
+    settings = []
+    for field in dataclasses.fields(config):
+        if field.name in SPEED_FIELDS:
+            continue
+        value = getattr(config, field.name)
+        if field.name == "stop_sequences":  # a set: the first one found ends the text, whatever their order
+            value = tuple(sorted(set(value)))
+        elif field.name == "logit_bias" and not value:  # {} biases nothing, as None does
+            value = None
+        settings.append((field.name, _hashable(value)))
+    return what + tuple(settings)
 
 
 def _check_size(cache_size: Any) -> int:

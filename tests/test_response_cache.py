@@ -52,6 +52,17 @@ def test_a_changed_config_misses(llm):
     assert llm.cache_info().hits == 1
 
 
+def test_a_grammar_call_is_not_answered_with_a_grammarless_response(llm):
+    free = llm(PROMPT)
+    constrained = llm(PROMPT, config=llm.config.replace(grammar='root ::= "yes" | "no"'))
+    assert constrained.text in ("yes", "no") and free.text not in ("yes", "no")
+    shaped = llm(PROMPT, config=llm.config.replace(json_schema={"type": "integer"}))
+    assert shaped.text.lstrip("-").isdigit()
+    assert llm.cache_info().hits == 0
+    again = llm(PROMPT, config=llm.config.replace(grammar='root ::= "yes" | "no"'))
+    assert again.text == constrained.text and llm.cache_info().hits == 1
+
+
 def test_the_oldest_entry_is_evicted(model_path):
     with LLM(model_path, cache_size=2, seed=1, max_tokens=2) as llm:
         llm("One")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 
@@ -9,9 +10,18 @@ import pytest
 
 from cyllama_cffi import ResponseCacheInfo
 from cyllama_cffi._logprobs import TokenLogprob, TopLogprob
-from cyllama_cffi._response_cache import ResponseCache, cache_key, copy_response, make_cache
+from cyllama_cffi._response_cache import SPEED_FIELDS, ResponseCache, cache_key, copy_response, make_cache
 from cyllama_cffi.config import GenerationConfig
 from cyllama_cffi.response import GenerationStats, Response
+
+# A value other than the default for every field that changes what a generation says.
+OUTPUT_VALUES = {"max_tokens": 9, "temperature": 0.1, "top_k": 3, "top_p": 0.5, "min_p": 0.2,
+                 "repeat_penalty": 1.3, "penalty_last_n": 8, "frequency_penalty": 0.5, "presence_penalty": 0.5,
+                 "dry_multiplier": 0.8, "dry_base": 2.0, "dry_allowed_length": 3, "dry_penalty_last_n": 64,
+                 "dry_sequence_breakers": ["!"], "top_n_sigma": 1.0, "mirostat": 2, "mirostat_tau": 3.0,
+                 "mirostat_eta": 0.3, "n_ctx": 512, "seed": 8, "stop_sequences": ["\n"], "add_bos": False,
+                 "parse_special": False, "grammar": 'root ::= "x"', "json_schema": {"type": "string"},
+                 "logprobs": 3, "logit_bias": {5: 2.0}}
 
 
 class FakeClock:
@@ -128,8 +138,14 @@ def test_keys_change_with_every_output_setting_and_not_with_speed_settings():
                          ("presence_penalty", 0.5), ("mirostat", 2), ("mirostat_tau", 3.0), ("mirostat_eta", 0.3),
                          ("n_ctx", 512), ("seed", 8), ("add_bos", False), ("parse_special", False),
                          ("stop_sequences", ["\n"]), ("logprobs", 3), ("logit_bias", {5: 2.0}),
-                         ("logit_bias", {5: -float("inf")})]:
+                         ("logit_bias", {5: -float("inf")}), ("dry_multiplier", 0.8), ("dry_base", 2.0),
+                         ("dry_allowed_length", 3), ("dry_penalty_last_n", 64), ("dry_sequence_breakers", ["!"]),
+                         ("top_n_sigma", 1.0), ("grammar", 'root ::= "yes" | "no"'),
+                         ("json_schema", {"type": "object"})]:
         assert cache_key("hi", base.replace(**{field: value})) != key, field
+    for field in [f.name for f in dataclasses.fields(GenerationConfig)]:  # a field added later is keyed
+        if field not in SPEED_FIELDS:
+            assert cache_key("hi", base.replace(**{field: OUTPUT_VALUES[field]})) != key, field
     for field, value in [("n_threads", 1), ("n_batch", 64), ("n_ubatch", 32), ("use_mmap", False)]:
         assert cache_key("hi", base.replace(**{field: value})) == key, field
     # the first stop sequence found ends the text, whatever the order they were given in
@@ -138,6 +154,18 @@ def test_keys_change_with_every_output_setting_and_not_with_speed_settings():
     assert biased == cache_key("hi", base.replace(logit_bias={9: -1, 5: 2}))  # same biases, any order or number type
     assert biased != cache_key("hi", base.replace(logit_bias={5: 2.0, 9: -1.5}))
     assert cache_key("hi", base.replace(logit_bias={})) == key  # no bias at all
+
+
+def test_grammars_and_schemas_are_keyed_by_what_they_say():
+    base = GenerationConfig(seed=7)
+    yes_no = 'root ::= "yes" | "no"'
+    assert cache_key("hi", base.replace(grammar=yes_no)) == cache_key("hi", base.replace(grammar=yes_no))
+    assert cache_key("hi", base.replace(grammar=yes_no)) != cache_key("hi", base.replace(grammar='root ::= "no"'))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    reordered = {"properties": {"b": {"type": "string"}, "a": {"type": "integer"}}, "type": "object"}
+    assert cache_key("hi", base.replace(json_schema=schema)) == cache_key("hi", base.replace(json_schema=reordered))
+    assert cache_key("hi", base.replace(json_schema=schema)) != cache_key("hi", base.replace(
+        json_schema={"type": "object", "properties": {"a": {"type": "number"}}}))
 
 
 def test_text_and_token_prompts_have_distinct_keys_and_iterators_none():
