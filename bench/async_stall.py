@@ -3,9 +3,10 @@
     python bench/async_stall.py [--trials 5] [--tokens 4000]
 
 A ticker task sleeps 1 ms at a time and records how late each wake-up is. It runs alone
-first (the loop's own jitter on this machine), then while ``AsyncLLM`` prefills a prompt of
-``--tokens`` tokens, in turn, ``--trials`` times. Reported: the longest and the 99th-percentile
-lateness of each phase, over all trials.
+first (the loop's own jitter on this machine), then beside as many busy processes as decoding
+threads (what the operating system alone does to the loop when every core is taken), then while
+``AsyncLLM`` prefills a prompt of ``--tokens`` tokens, in turn, ``--trials`` times. Reported: the
+longest and the 99th-percentile lateness of each phase, over all trials.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ async def measure(model: Path, tokens: int, trials: int, threads: int) -> None:
     from cyllama_cffi import AsyncLLM
 
     idle: List[float] = []
+    spinning: List[float] = []
     busy: List[float] = []
     prompt = UNIT * (tokens // 10)
     async with AsyncLLM(model, n_ctx=tokens + 256, max_tokens=1, temperature=0.0, n_threads=threads) as llm:
@@ -44,7 +47,17 @@ async def measure(model: Path, tokens: int, trials: int, threads: int) -> None:
             await asyncio.sleep(1.0)
             stop.set()
             await task
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(threads)]
             stop = asyncio.Event()
+            task = asyncio.ensure_future(ticker(stop, spinning))
+            await asyncio.sleep(5.0)
+            stop.set()
+            await task
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
+            stop = asyncio.Event()
+            await llm.reset_context()  # or the next trial would reuse this one's prompt from the cache
             task = asyncio.ensure_future(ticker(stop, busy))
             started = time.perf_counter()
             await llm(prompt)
@@ -52,10 +65,10 @@ async def measure(model: Path, tokens: int, trials: int, threads: int) -> None:
             stop.set()
             await task
             print(f"prefill of {tokens} tokens: {prefill:.2f} s", flush=True)
-    for name, values in (("idle", idle), ("during prefill", busy)):
+    for name, values in (("idle", idle), (f"{threads} busy processes", spinning), ("during prefill", busy)):
         values.sort()
         p99 = values[int(0.99 * (len(values) - 1))]
-        print(f"{name:>15}: {len(values)} ticks, lateness max {max(values) * 1e3:.2f} ms, "
+        print(f"{name:>18}: {len(values)} ticks, lateness max {max(values) * 1e3:.2f} ms, "
               f"p99 {p99 * 1e3:.2f} ms, median {statistics.median(values) * 1e3:.3f} ms")
 
 
