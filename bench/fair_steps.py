@@ -37,6 +37,7 @@ from bench.latency_stats import gaps_before, gaps_in_window, percentile, rotated
 
 N_SEQ_MAX, N_STREAMS, N_BATCH, N_UBATCH, STREAM_PROMPT = 5, 4, 2048, 512, 32
 SETTLE_TOKENS = 4  # tokens each stream has before the long prompt joins
+FLASH_ATTN = {"auto": None, "on": True, "off": False}
 DEFAULT_BUDGETS = "16,32,64,128,256,512,1024,2048"
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 LONG_UNIT = "The history of the river towns, told street by street and year by year. "
@@ -56,6 +57,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--kv-unified", action="store_true",
                         help="one KV cache for all sequences (a micro-batch may then mix sequences' rows freely; "
                              "split, a step's rows go in as micro-batches of equal rows per sequence)")
+    parser.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto",
+                        help="the context's flash attention (auto: llama.cpp's choice, on for the CPU)")
     parser.add_argument("--max-gap-ms", type=float, default=250.0, help="the gap p99 a default budget must keep")
     parser.add_argument("--max-ttft-ratio", type=float, default=1.5,
                         help="the TTFT / full-batch solo prefill a default budget must keep")
@@ -103,7 +106,7 @@ def long_prompt_tokens(vocab, n_tokens: int) -> List[int]:
 
 
 def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_name: str = "wall",
-           kv_unified: bool = False) -> Dict[str, Any]:
+           kv_unified: bool = False, flash_attn: str = "auto") -> Dict[str, Any]:
     """One engine at ``budget``: the long prompt alone, then with four streams generating.
 
     ``clock_name`` "cpu" times everything with this thread's CPU time, which with one thread
@@ -116,7 +119,8 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_
     clock = CLOCKS[clock_name]
     model = LlamaModel(model_path)
     engine = Engine(model, n_ctx=N_SEQ_MAX * (long_tokens + 512), n_seq_max=N_SEQ_MAX, n_batch=N_BATCH,
-                    n_ubatch=N_UBATCH, n_threads=threads, prompt_budget=budget, kv_unified=kv_unified)
+                    n_ubatch=N_UBATCH, n_threads=threads, prompt_budget=budget, kv_unified=kv_unified,
+                    flash_attn=FLASH_ATTN[flash_attn])
     vocab = model.vocab
     long_prompt = long_prompt_tokens(vocab, long_tokens)
 
@@ -162,7 +166,7 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_
 def sample_in_child(model: Path, budget: int, args: argparse.Namespace) -> Dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(budget), "--model", str(model),
                "--long-tokens", str(args.long_tokens), "--threads", str(args.threads), "--clock", args.clock,
-               *(["--kv-unified"] if args.kv_unified else [])]
+               "--flash-attn", args.flash_attn, *(["--kv-unified"] if args.kv_unified else [])]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"budget {budget} sample failed:\n{result.stderr[-3000:]}")
@@ -220,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     if args.child is not None:
-        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock, args.kv_unified)))
+        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock, args.kv_unified, args.flash_attn)))
         return 0
     started = time.time()
     samples = []
@@ -233,7 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"gap p99 {1000 * percentile(result['gaps'], 99):.0f} ms", flush=True)
     rows = summarize(samples, args.budgets)
     print(f"\n{args.long_tokens}-token prompt joining {N_STREAMS} greedy streams, {args.threads} thread(s), "
-          f"{args.rounds} round(s), {args.clock} clock, {'unified' if args.kv_unified else 'split'} KV cache:\n")
+          f"{args.rounds} round(s), {args.clock} clock, {'unified' if args.kv_unified else 'split'} KV cache, "
+          f"flash attention {args.flash_attn}:\n")
     print_table(rows)
     pick = choose(rows, args.max_gap_ms, args.max_ttft_ratio)
     print(f"\nlargest budget with gap p99 <= {args.max_gap_ms:.0f} ms and TTFT <= {args.max_ttft_ratio}x "

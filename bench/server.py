@@ -58,6 +58,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cyllama_cffi.server._defaults import DEFAULT_PROMPT_BUDGET  # noqa: E402
+
 from bench.latency_stats import (format_ratio, gaps_before, gaps_in_window, geometric_mean_interval,  # noqa: E402
                                  percentile, rotated)
 
@@ -120,7 +122,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="also send ignore_eos (llama-server's and perhaps others'; a server that ignores it may stop early)")
     parser.add_argument("--long-tokens", type=int, default=4000, help="the fair scenario's long prompt")
-    parser.add_argument("--prompt-budget", type=int, default=64, help="{budget} in a command template")
+    parser.add_argument("--prompt-budget", type=int, default=DEFAULT_PROMPT_BUDGET,
+                        help="{budget} in a command template (default: the server's own default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
     parser.add_argument("--json", help="write every measurement here")

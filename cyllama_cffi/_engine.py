@@ -152,11 +152,12 @@ class Engine:
 
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_seq_max: int, n_batch: int = 2048,
                  n_ubatch: int = 512, n_threads: Optional[int] = None, kv_unified: bool = False,
-                 prompt_budget: Optional[int] = None, keep_prefixes: bool = False) -> None:
+                 prompt_budget: Optional[int] = None, keep_prefixes: bool = False,
+                 flash_attn: Optional[bool] = None) -> None:
         if n_seq_max < 1:
             raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
         self.ctx = LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
-                                n_seq_max=n_seq_max, kv_unified=kv_unified)
+                                n_seq_max=n_seq_max, kv_unified=kv_unified, flash_attn=flash_attn)
         self.n_seq_max = n_seq_max
         self.seq_capacity = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // n_seq_max
         self.n_batch = self.ctx.n_batch

@@ -9,9 +9,10 @@ with random disconnects no request is lost or wedged and every answer equals its
 a next chat turn decodes only its new tokens and answers as a fresh server does.
 
 The solo reference is the same server with nothing else running (one request at a time):
-the server reads a prompt in chunks that end at multiples of ``--prompt-budget`` whatever else
+the server reads a prompt in even chunks of at most ``--prompt-budget`` tokens whatever else
 runs, and each step is one micro-batch, so a request's sums do not depend on its neighbours;
-an ``LLM`` reads prompts in other chunks, whose last bits differ (docs/state.md).
+an ``LLM`` reads prompts in other chunks, with flash attention, whose last bits differ
+(docs/state.md).
 """
 
 from __future__ import annotations
@@ -295,6 +296,31 @@ def test_logit_bias_forces_and_bans_tokens(server, model):
     chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                           temperature=0, logit_bias={str(london): 100})
     assert chat.choices[0].message.content == " London" * 2
+
+
+def test_running_streams_keep_flowing_while_a_long_prompt_is_read(server):
+    """Fair steps: a step reads at most --prompt-budget prompt tokens (16) beside the streams'
+    tokens, so a ~1,000-token prompt is read over dozens of steps, each giving the running stream
+    a token; read in one step, the stream would get none while it is read."""
+    arrivals: List[float] = []
+    with httpx.Client(timeout=PATIENCE, headers=server.headers) as client:
+        with client.stream("POST", server.url + "/v1/completions",
+                           json={"prompt": COUNTING, "max_tokens": 3000, "stream": True, "temperature": 0}) as stream:
+            lines = stream.iter_lines()
+            while len(arrivals) < 3:
+                if next(lines).startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+            long = concurrent.futures.ThreadPoolExecutor(1).submit(
+                server.post, "/v1/completions", {"prompt": LONG_PROMPT[:len(LONG_PROMPT) // 3], "max_tokens": 1})
+            sent = time.perf_counter()
+            while not long.done():
+                if next(lines).startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+            answered = time.perf_counter()
+    usage = long.result().json()["usage"]
+    assert usage["prompt_tokens"] > 900
+    during = sum(sent < t < answered for t in arrivals)
+    assert during >= 30, (during, usage)
 
 
 # -- clients that leave -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET
 from .._engine import Engine
 from ..chat_template import apply_chat_template
 from ..config import GenerationConfig
@@ -39,16 +40,15 @@ from ._scheduler import Job, QueueFull, Scheduler, ShuttingDown, Usage
 
 __all__ = ["create_app", "ServerSettings"]
 
-DEFAULT_MAX_BODY = 2 * 1024 * 1024
 
 
 class ServerSettings:
     """What ``create_app`` builds: the model, the slots and the limits (see ``main --help``)."""
 
     def __init__(self, model_path: Union[str, "os.PathLike[str]", None] = None, *, parallel: int = 4,
-                 ctx_size: Optional[int] = None, prompt_budget: int = 256, max_queue: int = 64,
+                 ctx_size: Optional[int] = None, prompt_budget: int = DEFAULT_PROMPT_BUDGET, max_queue: int = 64,
                  api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY, n_threads: Optional[int] = None,
-                 alias: Optional[str] = None, retry_after: int = 1) -> None:
+                 alias: Optional[str] = None, retry_after: int = 1, flash_attn: Optional[bool] = False) -> None:
         if model_path is None:
             from ..models import default_model_path
 
@@ -62,7 +62,10 @@ class ServerSettings:
         self.ctx_size = ctx_size if ctx_size is not None else 2048 * parallel
         if isinstance(self.ctx_size, bool) or not isinstance(self.ctx_size, int) or self.ctx_size < 8 * parallel:
             raise ValueError(f"ctx_size must be an int >= 8 per slot ({8 * parallel}), got {ctx_size!r}")
+        if flash_attn not in (None, True, False):
+            raise ValueError(f"flash_attn must be True, False or None (llama.cpp's choice), got {flash_attn!r}")
         self.prompt_budget = prompt_budget
+        self.flash_attn = flash_attn
         self.max_queue = max_queue
         self.api_key = api_key or None
         self.max_body = max_body
@@ -84,7 +87,7 @@ class _State:
         try:
             engine = Engine(self.model, n_ctx=settings.ctx_size, n_seq_max=settings.parallel, n_batch=n_batch,
                             n_ubatch=n_batch, n_threads=settings.n_threads, prompt_budget=settings.prompt_budget,
-                            keep_prefixes=True)
+                            keep_prefixes=True, flash_attn=settings.flash_attn)
         except BaseException:
             self.model.close()
             raise

@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any, List, Optional
 
+from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, FLASH_ATTN
+
 __all__ = ["main", "serve", "build_parser"]
 
 
@@ -26,14 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="slots: requests generated together in one context (default 4)")
     parser.add_argument("--ctx-size", "-c", type=int, default=None,
                         help="KV cells of the context, shared equally by the slots (default 2048 per slot)")
-    parser.add_argument("--prompt-budget", type=int, default=256,
+    parser.add_argument("--prompt-budget", type=int, default=DEFAULT_PROMPT_BUDGET,
                         help="most prompt tokens one step decodes, so long prompts do not stall the "
-                             "others (default 256)")
+                             f"others (default {DEFAULT_PROMPT_BUDGET})")
+    parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default="off",
+                        help="flash attention (default off: faster in the small steps fair scheduling makes "
+                             "on a CPU; auto lets llama.cpp choose)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a slot; past it the answer is 429 (default 64)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
-    parser.add_argument("--max-body", type=int, default=2 * 1024 * 1024,
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                         help="largest request body in bytes; past it the answer is 413 (default 2 MiB)")
     parser.add_argument("--threads", "-t", type=int, default=None, help="CPU threads for decoding")
     parser.add_argument("--alias", default=None, help="the model name /v1/models reports (default: file name)")
@@ -75,7 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         serve(args.model, host=args.host, port=args.port, log_level=args.log_level, parallel=args.parallel,
               ctx_size=args.ctx_size, prompt_budget=args.prompt_budget, max_queue=args.max_queue,
-              api_key=args.api_key, max_body=args.max_body, n_threads=args.threads, alias=args.alias)
+              api_key=args.api_key, max_body=args.max_body, n_threads=args.threads, alias=args.alias,
+              flash_attn=FLASH_ATTN[args.flash_attn])
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
