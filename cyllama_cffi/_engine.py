@@ -142,7 +142,8 @@ class Engine:
     ``LLM`` reads a prompt of micro-batches that size), whatever else the step holds, so how a
     prompt is split does not depend on its neighbours (llama.cpp's sums do depend on the
     split): a chunk that does not fit what is left of a step's budget waits for the next step,
-    unless the step has no prompt rows yet.
+    unless the step has no prompt rows yet. ``flash_attn=False``: a step in which no sequence is
+    generating (nobody waits for it) reads as many whole chunks as the batch holds.
 
     ``keep_prefixes=True`` (prefix affinity, for servers): a sequence that finishes (not
     cancelled) leaves its cells and its token record behind; :meth:`add` gives a new sequence
@@ -162,6 +163,10 @@ class Engine:
         self.seq_capacity = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // n_seq_max
         self.n_batch = self.ctx.n_batch
         self.prompt_budget = self.n_batch if prompt_budget is None else max(1, min(prompt_budget, self.n_batch))
+        # Without flash attention a token's sums do not depend on the size of its chunk (two
+        # tokens or more; bench/split_invariance.py), so a step may read several chunks of a
+        # prompt at once. With it, chunks of 64 tokens or more take another code path.
+        self._merge_chunks = flash_attn is False
         self.batch = LlamaBatch(self.n_batch)
         self.cancellation = Cancellation()
         self.cancellation.attach(self.ctx)
@@ -312,7 +317,8 @@ class Engine:
             self._pick_rows[n] = n
         n = len(generating)
         chunks: List[Tuple[EngineSequence, int]] = []
-        budget = min(self.prompt_budget, self.n_batch - n)
+        # The budget keeps generating sequences from waiting; a step with none reads what fits.
+        budget = min(self.prompt_budget if generating or not self._merge_chunks else self.n_batch, self.n_batch - n)
         for sequence in self._running:
             start = len(sequence.cached)
             if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):
@@ -323,6 +329,11 @@ class Engine:
             while sequence._chunk_ends and sequence._chunk_ends[0] <= start:
                 sequence._chunk_ends.popleft()
             end = sequence._chunk_ends[0] if sequence._chunk_ends else len(sequence.prompt)
+            if self._merge_chunks:  # whole chunks of the plan, as many as fit
+                for later in sequence._chunk_ends:
+                    if later - start > budget:
+                        break
+                    end = later
             count = end - start
             if count > budget:
                 if chunks:

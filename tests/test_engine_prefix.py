@@ -94,3 +94,30 @@ def test_prompt_chunks_follow_the_plan_whatever_else_the_step_holds(model, make,
     # Step 1: the short prompt and the long one's first chunk; step 2: the short one's token
     # and the long one's second chunk, not cut by the row the short one takes.
     assert rows[:2] == [len(short) + plan[0], 1 + plan[1]]
+
+
+def test_without_flash_attention_a_step_nobody_waits_for_reads_whole_chunks_as_the_batch_holds(model, make,
+                                                                                                 monkeypatch):
+    """flash_attn=False: the budget holds only while a sequence generates; alone, a prompt is read
+    in as few steps as the batch allows, and the text is that of a read in budget-sized chunks."""
+    vocab = model.vocab
+    long = vocab.tokenize("Tell me a story. " * 13, add_special=True)
+    assert 48 < len(long) <= 72
+    chunked = make(prompt_budget=16, flash_attn=False)
+    rows = []
+    original = chunked.ctx.decode_rows
+
+    def counting(batch, n_rows, *args):
+        rows.append(n_rows)
+        return original(batch, n_rows, *args)
+
+    monkeypatch.setattr(chunked.ctx, "decode_rows", counting)
+    alone = run(chunked, long)
+    assert rows[0] == len(long)  # the whole prompt in the first step: no sequence was waiting
+    # Beside a generating sequence the same prompt is read 16 tokens a step; same text.
+    rows.clear()
+    first = chunked.add(sequence(chunked, vocab.tokenize("Count: 1, 2, 3,", add_special=True), max_tokens=40))
+    chunked.step()
+    beside = chunked.add(sequence(chunked, long))
+    chunked.run()
+    assert max(rows[1:5]) <= 16 + 1 and beside.text == alone.text and first.finished

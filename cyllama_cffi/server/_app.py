@@ -81,9 +81,12 @@ class _State:
         self.settings = settings
         self.model = LlamaModel(settings.model_path)
         self.vocab = self.model.vocab
-        # One step is one micro-batch: the prompt budget plus a row per generating slot. Then
-        # llama.cpp never splits a step, so a request's sums do not depend on its neighbours.
+        # One step is one micro-batch: the prompt budget plus a row per generating slot (or, with
+        # flash attention off, up to 512 prompt rows when no slot is generating). Then llama.cpp
+        # never splits a step, so a request's sums do not depend on its neighbours.
         n_batch = settings.prompt_budget + settings.parallel
+        if settings.flash_attn is False:
+            n_batch = max(n_batch, 512)
         try:
             engine = Engine(self.model, n_ctx=settings.ctx_size, n_seq_max=settings.parallel, n_batch=n_batch,
                             n_ubatch=n_batch, n_threads=settings.n_threads, prompt_budget=settings.prompt_budget,
