@@ -143,7 +143,9 @@ class Engine:
     prompt is split does not depend on its neighbours (llama.cpp's sums do depend on the
     split): a chunk that does not fit what is left of a step's budget waits for the next step,
     unless the step has no prompt rows yet. ``flash_attn=False``: a step in which no sequence is
-    generating (nobody waits for it) reads as many whole chunks as the batch holds.
+    generating (nobody waits for it) reads as many whole chunks as the batch holds, and with
+    ``step_time`` (seconds) a step beside generating sequences reads whole chunks while steps
+    stay that short (never fewer than one chunk).
 
     ``keep_prefixes=True`` (prefix affinity, for servers): a sequence that finishes (not
     cancelled) leaves its cells and its token record behind; :meth:`add` gives a new sequence
@@ -154,7 +156,7 @@ class Engine:
     def __init__(self, model: LlamaModel, *, n_ctx: int, n_seq_max: int, n_batch: int = 2048,
                  n_ubatch: int = 512, n_threads: Optional[int] = None, kv_unified: bool = False,
                  prompt_budget: Optional[int] = None, keep_prefixes: bool = False,
-                 flash_attn: Optional[bool] = None) -> None:
+                 flash_attn: Optional[bool] = None, step_time: Optional[float] = None) -> None:
         if n_seq_max < 1:
             raise ValueError(f"n_seq_max must be >= 1, got {n_seq_max}")
         self.ctx = LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
@@ -167,6 +169,11 @@ class Engine:
         # tokens or more; bench/split_invariance.py), so a step may read several chunks of a
         # prompt at once. With it, chunks of 64 tokens or more take another code path.
         self._merge_chunks = flash_attn is False
+        # step_time (seconds, with flash_attn=False): while sequences generate, a step may read more
+        # than prompt_budget prompt tokens (whole chunks) as long as steps stay this short; the
+        # rows it may read follow the time the last step with prompt rows took.
+        self.step_time = step_time if self._merge_chunks else None
+        self._prompt_rows = self.prompt_budget  # what the next step with generating sequences may read
         self.batch = LlamaBatch(self.n_batch)
         self.cancellation = Cancellation()
         self.cancellation.attach(self.ctx)
@@ -211,6 +218,8 @@ class Engine:
         sequence.seq_id = seq_id
         sequence.cached = list(sequence.prompt[:keep])
         sequence.n_reused = keep
+        if keep:  # its first chunk is deep in the context: pace from one chunk again
+            self._prompt_rows = self.prompt_budget
         sequence._chunk_ends = deque(end for _, end in prefill_plan(keep, len(sequence.prompt), self.prompt_budget))
         sequence.capacity = self.seq_capacity
         self._running.append(sequence)
@@ -266,6 +275,7 @@ class Engine:
         if not self._running:
             return
         n_rows, generating, chunks, pickers = self._fill()
+        started = time.perf_counter()
         try:
             self.ctx.decode_rows(self.batch, n_rows, self._tokens, self._positions, self._seq_ids,
                                  self._want_logits, len(pickers), self._pick_rows, self._samplers, self._picked)
@@ -273,6 +283,8 @@ class Engine:
             for sequence in list(self._running):
                 self._end(sequence, FinishReason.CANCELLED)
             return
+        if self.step_time is not None and generating and chunks:
+            self._pace(n_rows - len(generating), time.perf_counter() - started)
         for sequence in generating:  # what the step put in the cache goes on record
             sequence.cached.append(sequence.pending)
             sequence.pending = -1
@@ -290,6 +302,13 @@ class Engine:
             sequence._take(token, is_eog, piece_bytes)
         for sequence in [s for s in self._running if s.finished]:
             self._release(sequence)
+
+    def _pace(self, prompt_rows: int, seconds: float) -> None:
+        """Scale the prompt rows of the next step by how far this one was from ``step_time``:
+        a prompt deeper in the context costs more a token, so the rows shrink as it is read."""
+        assert self.step_time is not None
+        wanted = int(prompt_rows * self.step_time / max(seconds, 1e-6))
+        self._prompt_rows = max(self.prompt_budget, min(wanted, 2 * prompt_rows, self.n_batch))
 
     def _token_logprob(self, row: int, token: int, n: int) -> "TokenLogprob":
         """The entry of ``token``, picked from batch row ``row`` of the step just decoded."""
@@ -318,7 +337,7 @@ class Engine:
         n = len(generating)
         chunks: List[Tuple[EngineSequence, int]] = []
         # The budget keeps generating sequences from waiting; a step with none reads what fits.
-        budget = min(self.prompt_budget if generating or not self._merge_chunks else self.n_batch, self.n_batch - n)
+        budget = min(self._prompt_rows if generating or not self._merge_chunks else self.n_batch, self.n_batch - n)
         for sequence in self._running:
             start = len(sequence.cached)
             if budget <= 0 or sequence.pending >= 0 or start >= len(sequence.prompt):

@@ -121,3 +121,30 @@ def test_without_flash_attention_a_step_nobody_waits_for_reads_whole_chunks_as_t
     beside = chunked.add(sequence(chunked, long))
     chunked.run()
     assert max(rows[1:5]) <= 16 + 1 and beside.text == alone.text and first.finished
+
+
+def test_step_time_lets_steps_beside_generating_sequences_read_more_chunks_while_they_stay_short(model, make,
+                                                                                                   monkeypatch):
+    """With a step time no step reaches, the prompt rows beside a generating sequence double
+    each step, in whole chunks of the plan (7 or 8 tokens); without one they stay within the budget.
+    Same text either way."""
+    vocab = model.vocab
+    long = vocab.tokenize("Tell me a story. " * 13, add_special=True)
+    texts = []
+    for step_time, expected in ((None, [8, 8, 8]), (60.0, [8, 16, 28])):
+        engine = make(prompt_budget=8, flash_attn=False, step_time=step_time)
+        rows = []
+        original = engine.ctx.decode_rows
+
+        def counting(batch, n_rows, *args):
+            rows.append(n_rows)
+            return original(batch, n_rows, *args)
+
+        monkeypatch.setattr(engine.ctx, "decode_rows", counting)
+        first = engine.add(sequence(engine, vocab.tokenize("Count: 1, 2, 3,", add_special=True), max_tokens=40))
+        engine.step()
+        beside = engine.add(sequence(engine, long))
+        engine.run()
+        assert [n - 1 for n in rows[1:4]] == expected, rows  # each step: the counting token + prompt rows
+        texts.append(beside.text)
+    assert texts[0] == texts[1]

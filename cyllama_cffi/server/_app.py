@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET
+from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS
 from .._engine import Engine
 from ..chat_template import apply_chat_template
 from ..config import GenerationConfig
@@ -48,13 +48,14 @@ class ServerSettings:
     def __init__(self, model_path: Union[str, "os.PathLike[str]", None] = None, *, parallel: int = 4,
                  ctx_size: Optional[int] = None, prompt_budget: int = DEFAULT_PROMPT_BUDGET, max_queue: int = 64,
                  api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY, n_threads: Optional[int] = None,
-                 alias: Optional[str] = None, retry_after: int = 1, flash_attn: Optional[bool] = False) -> None:
+                 alias: Optional[str] = None, retry_after: int = 1, flash_attn: Optional[bool] = False,
+                 step_ms: int = DEFAULT_STEP_MS) -> None:
         if model_path is None:
             from ..models import default_model_path
 
             model_path = default_model_path()
         for name, value, low in (("parallel", parallel, 1), ("prompt_budget", prompt_budget, 1),
-                                 ("max_queue", max_queue, 0), ("max_body", max_body, 1)):
+                                 ("max_queue", max_queue, 0), ("max_body", max_body, 1), ("step_ms", step_ms, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.model_path = str(model_path)
@@ -66,6 +67,7 @@ class ServerSettings:
             raise ValueError(f"flash_attn must be True, False or None (llama.cpp's choice), got {flash_attn!r}")
         self.prompt_budget = prompt_budget
         self.flash_attn = flash_attn
+        self.step_ms = step_ms
         self.max_queue = max_queue
         self.api_key = api_key or None
         self.max_body = max_body
@@ -90,7 +92,8 @@ class _State:
         try:
             engine = Engine(self.model, n_ctx=settings.ctx_size, n_seq_max=settings.parallel, n_batch=n_batch,
                             n_ubatch=n_batch, n_threads=settings.n_threads, prompt_budget=settings.prompt_budget,
-                            keep_prefixes=True, flash_attn=settings.flash_attn)
+                            keep_prefixes=True, flash_attn=settings.flash_attn,
+                            step_time=settings.step_ms / 1000 if settings.step_ms else None)
         except BaseException:
             self.model.close()
             raise

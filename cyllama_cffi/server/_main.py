@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, List, Optional
 
-from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, FLASH_ATTN
+from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS, FLASH_ATTN
 
 __all__ = ["main", "serve", "build_parser"]
 
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-budget", type=int, default=DEFAULT_PROMPT_BUDGET,
                         help="most prompt tokens one step decodes, so long prompts do not stall the "
                              f"others (default {DEFAULT_PROMPT_BUDGET})")
+    parser.add_argument("--step-ms", type=int, default=DEFAULT_STEP_MS,
+                        help="beside generating requests, a step reads more whole prompt chunks while steps "
+                             f"stay this short (with flash attention off; 0: never; default {DEFAULT_STEP_MS})")
     parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default="off",
                         help="flash attention (default off: faster in the small steps fair scheduling makes "
                              "on a CPU; auto lets llama.cpp choose)")
@@ -81,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         serve(args.model, host=args.host, port=args.port, log_level=args.log_level, parallel=args.parallel,
               ctx_size=args.ctx_size, prompt_budget=args.prompt_budget, max_queue=args.max_queue,
               api_key=args.api_key, max_body=args.max_body, n_threads=args.threads, alias=args.alias,
-              flash_attn=FLASH_ATTN[args.flash_attn])
+              flash_attn=FLASH_ATTN[args.flash_attn], step_ms=args.step_ms)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
