@@ -48,7 +48,7 @@ class ServerSettings:
     def __init__(self, model_path: Union[str, "os.PathLike[str]", None] = None, *, parallel: int = 4,
                  ctx_size: Optional[int] = None, prompt_budget: int = DEFAULT_PROMPT_BUDGET, max_queue: int = 64,
                  api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY, n_threads: Optional[int] = None,
-                 alias: Optional[str] = None, retry_after: int = 1, flash_attn: Optional[bool] = False,
+                 alias: Optional[str] = None, retry_after: int = 1, flash_attn: Optional[bool] = None,
                  step_ms: int = DEFAULT_STEP_MS) -> None:
         if model_path is None:
             from ..models import default_model_path

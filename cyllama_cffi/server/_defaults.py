@@ -7,12 +7,14 @@ from typing import Dict, Optional
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
 
 # Fair steps, measured with 4 streams and a 4,000-token prompt on 2 cores (docs/performance.md):
-# 16 prompt tokens a step keep the streams' gaps under 250 ms to the end of the prompt. Flash
-# attention is off because ggml-cpu's flash attention reads the whole KV cache once per query
-# row in chunks of under 64 tokens: 16-token chunks then take twice as long as without it.
-DEFAULT_PROMPT_BUDGET = 16
-# ...and beside running streams a step reads more whole 16-token chunks while steps stay this
-# short: many short prompts arriving together start almost as fast as in one large step.
+# 128 prompt tokens a step keep the streams' gaps near a second (a whole-batch step freezes them
+# for 10-15 s) and the prompt's first token within ~1.2x of its solo read, with flash attention
+# on as llama.cpp chooses, which decodes ~6 % faster. Smoother streams (gaps near 250 ms) take
+# --flash-attn off --prompt-budget 16: ggml-cpu's flash attention is twice as slow in small
+# steps deep in a long context.
+DEFAULT_PROMPT_BUDGET = 128
+# With flash attention off, a step beside running streams reads more whole chunks while steps
+# stay this short: many short prompts arriving together start almost as fast as in one step.
 DEFAULT_STEP_MS = 150
 
 # --flash-attn's choices: None lets llama.cpp decide (on, for the CPU).

@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-ms", type=int, default=DEFAULT_STEP_MS,
                         help="beside generating requests, a step reads more whole prompt chunks while steps "
                              f"stay this short (with flash attention off; 0: never; default {DEFAULT_STEP_MS})")
-    parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default="off",
-                        help="flash attention (default off: faster in the small steps fair scheduling makes "
-                             "on a CPU; auto lets llama.cpp choose)")
+    parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default="auto",
+                        help="flash attention (default auto: llama.cpp's choice, on for the CPU; off with a "
+                             "small --prompt-budget for the smoothest streams)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a slot; past it the answer is 429 (default 64)")
     parser.add_argument("--api-key", default=None,
