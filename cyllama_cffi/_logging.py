@@ -27,6 +27,7 @@ _INFO = 20
 _pending: Dict[int, str] = {}
 _pending_lock = threading.Lock()
 _lib: Any = None
+_told_backend = False  # the CPU backend line is logged once, the first time verbose is on
 
 
 def get_logger(name: str = "cyllama_cffi") -> "logging.Logger":
@@ -63,8 +64,14 @@ def set_verbose(verbose: bool) -> None:
     """Forward all of llama.cpp's log lines (True) or only errors (False)."""
     import logging
 
+    global _told_backend
     _lib.cyl_log_set_threshold(_GGML_DEBUG if verbose else _GGML_ERROR)
     logger = get_logger("cyllama_cffi.llama")
     if verbose and logger.getEffectiveLevel() > logging.INFO and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO)
         logger.setLevel(logging.DEBUG)
+    if verbose and not _told_backend:  # which CPU kernels run: a portable install picks them at import
+        from .system import system_info
+
+        _told_backend = True
+        logger.info("%s", system_info())

@@ -72,3 +72,17 @@ def test_verbose_logging_reaches_python_logging(model_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("cyllama_cffi.llama ")]
     assert len(lines) > 20
     assert any("llama_model_loader" in line for line in lines)
+
+
+def test_verbose_output_says_which_cpu_backend_runs(model_path):
+    """A portable install picks its CPU kernels at import; verbose output names them, once."""
+    code = ("from cyllama_cffi import LLM\n"
+            f"with LLM({str(model_path)!r}, verbose=True, max_tokens=1) as llm:\n"
+            "    llm('Hi')\n"
+            f"with LLM({str(model_path)!r}, verbose=True, max_tokens=1) as llm:\n"
+            "    pass\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from cyllama_cffi import system_info
+
+    told = [line for line in result.stderr.splitlines() if "CPU backend: " in line]
+    assert len(told) == 1 and told[0].endswith(str(system_info())), told
