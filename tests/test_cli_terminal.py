@@ -90,6 +90,8 @@ def terminal(model_path) -> Iterator[Callable[..., Terminal]]:
         term.close()
 
 
+FIRST = "My name is Zork. Tell me a long story about a dragon."
+SECOND = "What is my name? Then tell me a long story about a castle."
 STATS = re.compile(r"^\[(\d+) prompt tokens, (\d+) generated, [\d.]+ tok/s\]$", re.M)
 
 
@@ -123,15 +125,16 @@ def test_chat_streams_keeps_history_and_survives_ctrl_c_then_exits_on_ctrl_d(ter
     term = terminal("chat --stats --temperature 0 --max-tokens 4000")
     term.wait_for(_prompt_ready(0), SLOW, "chat prompt")
 
-    first_prompt, first_generated, first_stop = _interrupt_answer(term, "My name is Zork.", 0)
-    second_prompt, second_generated, second_stop = _interrupt_answer(term, "What is my name?", 1)
+    # Messages that ask for long answers: a short one could end before the Ctrl-C arrives.
+    first_prompt, first_generated, first_stop = _interrupt_answer(term, FIRST, 0)
+    second_prompt, second_generated, second_stop = _interrupt_answer(term, SECOND, 1)
     # The second prompt holds the first message, the partial first answer and the new message.
     assert second_prompt >= first_prompt + first_generated + 5, term.screen()
     assert first_stop < STOP_WITHIN and second_stop < STOP_WITHIN, (first_stop, second_stop)
 
     term.type("/reset")
     term.wait_for(lambda text: "[conversation cleared]" in text, SLOW, "reset confirmation")
-    third_prompt, _, _ = _interrupt_answer(term, "What is my name?", 2)
+    third_prompt, _, _ = _interrupt_answer(term, SECOND, 2)
     assert third_prompt < second_prompt  # the history is gone: a short prompt again
 
     # Ctrl-C at the prompt drops the typed line and gives a fresh prompt; Ctrl-D exits with 0.
