@@ -37,6 +37,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LONG_PROMPT = "The history of the world, told in great detail. " * 300  # ~3,000 tokens
+END_OF_TURN = (0, 2, 4)  # the default model's end-of-generation tokens
 COUNTING = "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7, 8,"  # goes on without an end-of-text
 STARTUP = 120.0  # seconds a server may take to load on a busy machine
 PATIENCE = 120.0  # seconds any one wait may take
@@ -507,7 +508,10 @@ def test_sigterm_ends_the_streams_and_the_process_within_2s(small):
     started = threading.Event()
 
     def read(index: int) -> None:
-        body = {"messages": [{"role": "user", "content": COUNTING}], "max_tokens": 3000, "stream": True}
+        # End-of-turn tokens banned: the answers can only end by the shutdown (what the slot
+        # holds from earlier tests could otherwise steer greedy decoding to an early end).
+        body = {"messages": [{"role": "user", "content": COUNTING}], "max_tokens": 3000, "stream": True,
+                "logit_bias": {str(token): -100 for token in END_OF_TURN}}
         with httpx.Client(timeout=PATIENCE) as client:
             with client.stream("POST", small.url + "/v1/chat/completions", json=body,
                                headers=small.headers) as response:
