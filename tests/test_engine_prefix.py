@@ -36,6 +36,19 @@ def sequence(engine, tokens, max_tokens=16):
                                                 engine.seq_capacity), max_tokens)
 
 
+def count_rows(engine, monkeypatch):
+    """The row count of each step ``engine`` decodes from now on, in a list that grows."""
+    rows = []
+    original = engine.ctx.decode_rows
+
+    def counting(batch, n_rows, *args):
+        rows.append(n_rows)
+        return original(batch, n_rows, *args)
+
+    monkeypatch.setattr(engine.ctx, "decode_rows", counting)
+    return rows
+
+
 def run(engine, tokens, max_tokens=16):
     seq = engine.add(sequence(engine, tokens, max_tokens))
     engine.run()
@@ -75,14 +88,7 @@ def test_cancelled_sequences_and_plain_engines_keep_nothing(model, make):
 def test_prompt_chunks_follow_the_plan_whatever_else_the_step_holds(model, make, monkeypatch):
     vocab = model.vocab
     engine = make(prompt_budget=64)
-    rows = []
-    original = engine.ctx.decode_rows
-
-    def counting(batch, n_rows, *args):
-        rows.append(n_rows)
-        return original(batch, n_rows, *args)
-
-    monkeypatch.setattr(engine.ctx, "decode_rows", counting)
+    rows = count_rows(engine, monkeypatch)
     short = vocab.tokenize("The capital of France is", add_special=True)
     long = vocab.tokenize("Tell me a story. " * 20, add_special=True)
     assert 64 < len(long) < 128
@@ -104,14 +110,7 @@ def test_without_flash_attention_a_step_nobody_waits_for_reads_whole_chunks_as_t
     long = vocab.tokenize("Tell me a story. " * 13, add_special=True)
     assert 48 < len(long) <= 72
     chunked = make(prompt_budget=16, flash_attn=False)
-    rows = []
-    original = chunked.ctx.decode_rows
-
-    def counting(batch, n_rows, *args):
-        rows.append(n_rows)
-        return original(batch, n_rows, *args)
-
-    monkeypatch.setattr(chunked.ctx, "decode_rows", counting)
+    rows = count_rows(chunked, monkeypatch)
     alone = run(chunked, long)
     assert rows[0] == len(long)  # the whole prompt in the first step: no sequence was waiting
     # Beside a generating sequence the same prompt is read 16 tokens a step; same text.
@@ -133,14 +132,7 @@ def test_step_time_lets_steps_beside_generating_sequences_read_more_chunks_while
     texts = []
     for step_time, expected in ((None, [8, 8, 8]), (60.0, [8, 16, 28])):
         engine = make(prompt_budget=8, flash_attn=False, step_time=step_time)
-        rows = []
-        original = engine.ctx.decode_rows
-
-        def counting(batch, n_rows, *args):
-            rows.append(n_rows)
-            return original(batch, n_rows, *args)
-
-        monkeypatch.setattr(engine.ctx, "decode_rows", counting)
+        rows = count_rows(engine, monkeypatch)
         first = engine.add(sequence(engine, vocab.tokenize("Count: 1, 2, 3,", add_special=True), max_tokens=40))
         engine.step()
         beside = engine.add(sequence(engine, long))
