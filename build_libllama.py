@@ -216,7 +216,8 @@ class NativeBuild:
         """A portable build's CPU backend modules (``libggml-cpu-<variant>.so``), loaded at run time."""
         if not portable():
             return []
-        return sorted(self.lib_dir.glob("libggml-cpu-*.so"))
+        return sorted(path for path in self.lib_dir.glob("libggml-cpu-*.so")
+                      if path.name[len("libggml-cpu-"):-len(".so")] not in AMX_VARIANTS)
 
 
 def linked_libs() -> Tuple[str, ...]:
@@ -261,6 +262,25 @@ def portable() -> bool:
 # against the running CPU and loads the best (see cyllama_cffi/_ffi.py).
 PORTABLE_FLAGS = ["-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"]
 
+# ggml's AMX matrix kernels crash the process in the first prompt's matrix products on Intel
+# Sapphire Rapids machines (a segmentation fault in ggml_backend_amx_mul_mat, also reported
+# upstream as llama.cpp issue 20824, unfixed). Builds here leave them out: -march=native minus
+# AMX on a CPU that has it, and a portable build does not ship the one variant compiled for
+# AMX (ggml then loads the AVX-512 variant the CPU scores best for). Everything else
+# -march=native enables stays. CYLLAMA_CMAKE_ARGS="-DCMAKE_C_FLAGS= -DCMAKE_CXX_FLAGS=" puts
+# AMX back in a native build.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+AMX_VARIANTS = ("sapphirerapids",)
+
+
+def cpu_has_amx() -> bool:
+    """Whether -march=native would compile ggml's AMX kernels in (Linux x86: /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_tile" in line for line in cpuinfo)
+    except OSError:
+        return False
+
 
 def cmake_flags() -> List[str]:
     backend = os.environ.get("CYLLAMA_BACKEND", "cpu").lower()
@@ -284,6 +304,8 @@ def cmake_flags() -> List[str]:
         *BACKEND_FLAGS[backend],
         *(PORTABLE_FLAGS if portable() else []),
     ]
+    if native and cpu_has_amx():
+        flags += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     flags += shlex.split(os.environ.get("CYLLAMA_CMAKE_ARGS", ""))
     return flags
 

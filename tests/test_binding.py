@@ -86,3 +86,12 @@ def test_verbose_output_says_which_cpu_backend_runs(model_path):
 
     told = [line for line in result.stderr.splitlines() if "CPU backend: " in line]
     assert len(told) == 1 and told[0].endswith(str(system_info())), told
+
+
+def test_the_cpu_backend_runs_without_amx_kernels():
+    """ggml's AMX kernels crash the first prompt on Sapphire Rapids machines: the build leaves
+    them out (build_libllama.NO_AMX), on any CPU; a prompt of many tokens then decodes."""
+    from cyllama_cffi import system_info
+
+    features = system_info().cpu_features
+    assert not [name for name, value in features.items() if name.startswith("AMX") and value == "1"], features

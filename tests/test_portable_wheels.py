@@ -46,8 +46,7 @@ X86_VARIANTS: Dict[str, Tuple[str, ...]] = {
     "zen4": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
              "AVX512_BF16"),
     "alderlake": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX_VNNI"),
-    "sapphirerapids": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
-                       "AVX512_BF16", "AMX_TILE", "AMX_INT8"),
+    # "sapphirerapids" (AVX-512 and AMX) is built but not shipped: build_libllama.AMX_VARIANTS.
 }
 # The /proc/cpuinfo flags each feature needs, and its weight in ggml's score (cpu-feats.cpp).
 CPUINFO_FLAGS = {

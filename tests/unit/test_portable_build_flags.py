@@ -57,3 +57,22 @@ def test_cpu_variant_files_are_the_modules_of_a_portable_build_only(clean_env, t
     assert native.cpu_variant_files() == []
     clean_env.setenv("CYLLAMA_PORTABLE", "1")
     assert [p.name for p in native.cpu_variant_files()] == ["libggml-cpu-haswell.so", "libggml-cpu-x64.so"]
+
+
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_a_native_build_leaves_out_amx_on_a_cpu_that_has_it(clean_env, has_amx):
+    """ggml's AMX kernels crash in the first prompt on Sapphire Rapids: -march=native minus AMX."""
+    clean_env.setattr(build_libllama, "cpu_has_amx", lambda: has_amx)
+    flags = build_libllama.cmake_flags()
+    no_amx = {f"-DCMAKE_C_FLAGS={build_libllama.NO_AMX}", f"-DCMAKE_CXX_FLAGS={build_libllama.NO_AMX}"}
+    assert (no_amx <= set(flags)) == has_amx
+    clean_env.setenv("CYLLAMA_PORTABLE", "1")
+    assert not no_amx & set(build_libllama.cmake_flags())  # the variants set their own flags
+
+
+def test_a_portable_build_does_not_ship_the_amx_variant(clean_env, tmp_path):
+    for name in ("libggml-cpu-zen4.so", "libggml-cpu-sapphirerapids.so", "libggml-cpu-x64.so"):
+        (tmp_path / name).write_bytes(b"")
+    clean_env.setenv("CYLLAMA_PORTABLE", "1")
+    files = build_libllama.NativeBuild(tmp_path, ()).cpu_variant_files()
+    assert [p.name for p in files] == ["libggml-cpu-x64.so", "libggml-cpu-zen4.so"]
