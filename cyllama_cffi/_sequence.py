@@ -23,10 +23,15 @@ from .lowlevel.context import LlamaContext
 class KVSequence:
     """Sequence ``seq_id`` of ``ctx``: its token record, its batch, and a decode left running."""
 
-    def __init__(self, ctx: LlamaContext, batch: LlamaBatch, seq_id: int = 0) -> None:
+    def __init__(self, ctx: LlamaContext, batch: LlamaBatch, seq_id: int = 0,
+                 flash_attn: Optional[bool] = None) -> None:
         self.ctx = ctx
         self.batch = batch
         self.seq_id = seq_id
+        # The size from which a chunk takes the tiled flash-attention path; None when the
+        # context runs without flash attention, where every chunk of two or more is of one kind.
+        self.flash_attn = flash_attn
+        self.tiled: Optional[int] = None if flash_attn is False else TILED
         self.tokens: List[int] = []  # tokens whose K/V are in the cache, in position order
         # The kind of chunk (chunk_kind) each of the first tokens was decoded in as a prompt.
         # Only those tokens are reused: a generated token's K/V come from a one-token decode,
@@ -51,7 +56,7 @@ class KVSequence:
         if count <= len(self.kinds):
             del self.kinds[count:]
         else:
-            self.kinds = plan_kinds(prefill_plan(0, count, self.step))
+            self.kinds = plan_kinds(prefill_plan(0, count, self.step), self.tiled)
 
     def decode_chunk(self, tokens: Sequence[int], logits_last: bool) -> None:
         """Decode ``tokens`` at the end of the sequence and put what reached the cache on record."""
@@ -68,7 +73,7 @@ class KVSequence:
 
     def _prefilled(self, start: int, chunk: int) -> None:
         if len(self.kinds) == start:  # contiguous with the prompt chunks before it
-            self.kinds.extend(bytes([chunk_kind(chunk)]) * (len(self.tokens) - start))
+            self.kinds.extend(bytes([chunk_kind(chunk, self.tiled)]) * (len(self.tokens) - start))
 
     def clear(self) -> None:
         """Empty the sequence (its cache cells and its record)."""
@@ -84,12 +89,13 @@ class KVSequence:
         output is that of a fresh context: tokens decoded as prompt chunks, each in the same
         kind of chunk (``chunk_kind``) as ``prefill_plan`` puts it in when it decodes ``prompt``
         from position 0, and a prefix whose rest ``prefill_plan`` decodes in chunks of those
-        same kinds. With the default micro-batch that is the prompt's new tokens, at least
-        64 of them, or all of a prompt shorter than 64 (see ``docs/state.md``).
+        same kinds. With the default micro-batch and flash attention that is the prompt's new
+        tokens, at least 64 of them, or all of a prompt shorter than 64; without flash
+        attention, the new tokens, at least two (see ``docs/state.md``).
         """
         self.settle()
         record = self.tokens
-        keep = reusable_prefix(record, self.kinds, prompt, self.step)
+        keep = reusable_prefix(record, self.kinds, prompt, self.step, self.tiled)
         if keep < len(record):
             self.ctx.memory_seq_rm(self.seq_id, keep, -1)
             del record[keep:]
@@ -140,14 +146,16 @@ class KVSequence:
 # attention (F32 products) and a shorter one row by row (F16 products); a lone token takes yet
 # other paths (the split-KV attention, the non-tiled matrix products). Within each kind a token's
 # K/V do not depend on what else its micro-batch holds, so a prefix decoded in chunks of the
-# same kinds gives the bits of a fresh decode (bench/split_invariance.py measures it).
+# same kinds gives the bits of a fresh decode (bench/split_invariance.py measures it). Without
+# flash attention (the attention as matrix products) only the lone token stands apart.
 TILED = 64
 SINGLE, SHORT, LONG = 2, 1, 0
 
 
-def chunk_kind(size: int) -> int:
-    """Which of ggml-cpu's code paths a prompt chunk of ``size`` tokens takes."""
-    return LONG if size >= TILED else SHORT if size > 1 else SINGLE
+def chunk_kind(size: int, tiled: Optional[int] = TILED) -> int:
+    """Which of ggml-cpu's code paths a prompt chunk of ``size`` tokens takes (``tiled``: None
+    without flash attention)."""
+    return LONG if tiled is not None and size >= tiled else SHORT if size > 1 else SINGLE
 
 
 def prefill_plan(start: int, end: int, step: int) -> List[Tuple[int, int]]:
@@ -167,7 +175,8 @@ def prefill_plan(start: int, end: int, step: int) -> List[Tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def reusable_prefix(record: Sequence[int], kinds: Sequence[int], prompt: Sequence[int], step: int) -> int:
+def reusable_prefix(record: Sequence[int], kinds: Sequence[int], prompt: Sequence[int], step: int,
+                    tiled: Optional[int] = TILED) -> int:
     """How many of ``prompt``'s first tokens a cache holding ``record`` can keep, bit-exactly.
 
     ``kinds``: the chunk kind of each of the record's first tokens that were decoded as a
@@ -175,23 +184,23 @@ def reusable_prefix(record: Sequence[int], kinds: Sequence[int], prompt: Sequenc
     (chunks of at most ``step``) gives it when ``prompt`` is decoded from position 0, and the
     plan of the rest decodes every remaining token in its fresh kind too.
     """
-    fresh = plan_kinds(prefill_plan(0, len(prompt), step))
+    fresh = plan_kinds(prefill_plan(0, len(prompt), step), tiled)
     limit = min(len(kinds), len(record), len(prompt) - 2)  # at least two: a lone token takes other paths
     keep = 0
     while keep < limit and record[keep] == prompt[keep] and kinds[keep] == fresh[keep]:
         keep += 1
     tries = 2 * step  # enough for any step >= 2 * TILED; past it, decoding all is exact too
-    while keep > 0 and plan_kinds(prefill_plan(keep, len(prompt), step)) != fresh[keep:]:
+    while keep > 0 and plan_kinds(prefill_plan(keep, len(prompt), step), tiled) != fresh[keep:]:
         keep = keep - 1 if tries > 0 else 0
         tries -= 1
     return keep
 
 
-def plan_kinds(plan: Sequence[Tuple[int, int]]) -> bytearray:
+def plan_kinds(plan: Sequence[Tuple[int, int]], tiled: Optional[int] = TILED) -> bytearray:
     """The kind of chunk of each token of ``plan``."""
     kinds = bytearray()
     for start, end in plan:
-        kinds.extend(bytes([chunk_kind(end - start)]) * (end - start))
+        kinds.extend(bytes([chunk_kind(end - start, tiled)]) * (end - start))
     return kinds
 
 

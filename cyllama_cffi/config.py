@@ -44,7 +44,9 @@ class GenerationConfig:
     trade-off). ``logprobs=n`` (1 to 20) records each generated token's log-probability and the
     ``n`` most likely tokens at its step (``Response.logprobs``, ``Stream.logprobs``).
     ``logit_bias={token_id: bias}`` adds ``bias`` to those tokens' logits ahead of every
-    other stage (``-inf`` bans a token, a large positive bias forces it).
+    other stage (``-inf`` bans a token, a large positive bias forces it). ``flash_attn=None``
+    lets llama.cpp choose (on, for the CPU); ``False`` turns flash attention off, which makes
+    prompt-prefix reuse decode only a follow-up's new tokens however few (``docs/state.md``).
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -87,6 +89,9 @@ class GenerationConfig:
     logprobs: Optional[int] = None
     # {token id: bias} added to those tokens' logits before any other sampler stage; -inf bans one.
     logit_bias: Optional[Dict[int, float]] = None
+    # Flash attention in the context: None lets llama.cpp choose (on, for the CPU). False makes
+    # prompt-prefix reuse token-granular (docs/state.md) and deep prompts read in small chunks faster.
+    flash_attn: Optional[bool] = None
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -225,6 +230,7 @@ def _problems(c: GenerationConfig) -> Iterator[str]:
         _flag("use_mmap", c.use_mmap),
         _logprobs(c.logprobs),
         _logit_bias(c.logit_bias),
+        None if c.flash_attn is None else _flag("flash_attn (or None)", c.flash_attn),
     ]
     return (message for message in checks if message)
 

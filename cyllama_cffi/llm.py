@@ -403,9 +403,11 @@ class LLM:
             n_ctx = seq.ctx.n_ctx if seq is not None else 0
             n_prefilled = seq.n_prefilled if seq is not None else 0
             kinds = _sequence.kinds_to_runs(seq.kinds) if seq is not None else []
+            flash_attn = seq.flash_attn if seq is not None else self.config.flash_attn
         finally:
             self._starting = None
-        header = {"model": self._identity(), "n_ctx": n_ctx, "n_prefilled": n_prefilled, "prefill_kinds": kinds}
+        header = {"model": self._identity(), "n_ctx": n_ctx, "n_prefilled": n_prefilled, "prefill_kinds": kinds,
+                  "flash_attn": flash_attn}
         data = _state_format.encode(header, tokens, body)
         if path is not None:
             with open(path, "wb") as file:
@@ -438,6 +440,10 @@ class LLM:
         if saved.header["model"] != identity:
             raise StateError(f"the saved state is from another model ({saved.header['model']}), "
                              f"not this one ({identity})")
+        saved_off, this_off = saved.header.get("flash_attn") is False, self.config.flash_attn is False
+        if saved_off != this_off:  # the cache's layout differs (V is stored transposed without it)
+            raise StateError(f"the saved state was computed with flash attention {'off' if saved_off else 'on'}, "
+                             f"this LLM has it {'off' if this_off else 'on'} (GenerationConfig.flash_attn)")
         tokens = saved.tokens
         try:
             self.vocab.check_tokens(tokens)
@@ -575,18 +581,18 @@ class LLM:
         """Sequence 0 of a context of at least ``n_ctx`` cells for ``config``: the current one or a new one."""
         # llama.cpp pads n_ctx (to 256 cells): an explicit one is compared as it was asked for.
         n_threads = config.n_threads or usable_cores()
-        key = (config.n_batch, config.n_ubatch, n_threads, config.n_ctx)
+        key = (config.n_batch, config.n_ubatch, n_threads, config.n_ctx, config.flash_attn)
         seq = self._seq
         if seq is not None and (self._ctx_key != key or seq.ctx.n_ctx < n_ctx):
             self._close_context()
             seq = None
         if seq is None:
             ctx = LlamaContext(self.model, n_ctx=n_ctx, n_batch=config.n_batch, n_ubatch=config.n_ubatch,
-                               n_threads=n_threads)
+                               n_threads=n_threads, flash_attn=config.flash_attn)
             ctx.watch_sigint(self._sigint_watchers > 0)
             if self._lora:
                 ctx.set_lora_adapters(self._lora)
-            seq = self._seq = KVSequence(ctx, LlamaBatch(ctx.n_batch))
+            seq = self._seq = KVSequence(ctx, LlamaBatch(ctx.n_batch), flash_attn=config.flash_attn)
             self._ctx_key = key
             self._cancellation.attach(ctx)
         return seq

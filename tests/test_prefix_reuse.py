@@ -158,3 +158,82 @@ def test_cancel_mid_prefill_then_retry_matches_fresh_and_reuses_the_done_chunk(l
                         lambda self, tokens, logits_last: retried.append(len(tokens)) or original(self, tokens, logits_last))
     assert llm(prompt).text == expected
     assert retried == [n_prompt - sizes[0]]  # the chunk done before the cancel came from the cache
+
+
+# -- without flash attention: every chunk of two tokens or more is of one kind ------------------
+NO_FLASH = CONFIG.replace(flash_attn=False)
+
+
+@pytest.fixture
+def llm_no_flash(model_path):
+    with LLM(model_path, config=NO_FLASH) as instance:
+        yield instance
+
+
+def fresh_no_flash(model_path, prompt, chat=False):
+    with LLM(model_path, config=NO_FLASH) as llm:
+        return (llm.chat(prompt) if chat else llm(prompt)).text
+
+
+def test_without_flash_attention_chunks_of_two_or_more_are_one_kind():
+    assert {chunk_kind(size, None) for size in (2, 3, 63, 64, 512)} == {chunk_kind(2)}
+    assert chunk_kind(1, None) == chunk_kind(1) != chunk_kind(2, None)
+    assert set(plan_kinds(prefill_plan(0, 700, 512), None)) == {chunk_kind(2)}
+
+
+def test_without_flash_attention_any_split_gives_the_fresh_logits_bit_for_bit(llm_no_flash):
+    """What token-granular reuse stands on: with the attention as matrix products, a split
+    anywhere (chunks of two tokens or more) changes no bit of the logits."""
+    prompt = llm_no_flash.tokenize(SYSTEM["content"] + " Which note mentions the forge?")
+    with LlamaContext(llm_no_flash.model, n_ctx=1024, n_threads=2, flash_attn=False) as ctx, LlamaBatch(512) as batch:
+        def last_logits(cuts):
+            ctx.memory_seq_rm(0, -1, -1)
+            bounds = [0, *cuts, len(prompt)]
+            for a, b in zip(bounds, bounds[1:]):
+                for start, end in prefill_plan(a, b, 512):
+                    batch.set_tokens(prompt[start:end], start, 0, logits_last=end == len(prompt))
+                    ctx.decode(batch)
+            return np.array(ctx.get_logits_ith(-1))
+
+        reference = last_logits([])
+        for cuts in ([len(prompt) - 2], [len(prompt) - 7], [2, 40], [101, 103], [len(prompt) // 2]):
+            assert np.array_equal(last_logits(cuts), reference), cuts
+
+
+def test_without_flash_attention_chat_turns_decode_just_their_new_tokens(llm_no_flash, model_path, decoded):
+    messages = [SYSTEM, {"role": "user", "content": "When does the bakery open?"}]
+    n_previous = 0
+    for turn in ["And the mill?", "Which one opens first?", "Thanks. And the school?"]:
+        expected = fresh_no_flash(model_path, messages, chat=True)
+        decoded.clear()
+        answer = llm_no_flash.chat(messages).text
+        assert answer == expected
+        n_prompt = n_tokens(llm_no_flash, messages)
+        if n_previous:  # the previous answer and this turn's message, fewer than the 64 flash attention needs
+            assert sum(decoded) == n_prompt - n_previous < TILED
+        n_previous = n_prompt
+        messages = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": turn}]
+
+
+def test_without_flash_attention_a_retry_decodes_two_tokens(llm_no_flash, model_path, decoded):
+    prompt = SYSTEM["content"] + " The chapel"
+    first = llm_no_flash(prompt).text
+    assert first == fresh_no_flash(model_path, prompt)
+    decoded.clear()
+    assert llm_no_flash(prompt).text == first
+    assert decoded == [2]  # a lone last token would take the one-token path
+
+
+def test_without_flash_attention_cancel_mid_generation_then_next_turn_matches_fresh(llm_no_flash, model_path):
+    messages = [SYSTEM, {"role": "user", "content": "Describe the market."}]
+    chunks = []
+
+    def cancel_at_two(chunk):
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            llm_no_flash.cancel()
+
+    partial = "".join(llm_no_flash.stream(llm_no_flash.format_chat(messages), on_token=cancel_at_two))
+    follow = messages + [{"role": "assistant", "content": partial}, {"role": "user", "content": "Go on."}]
+    assert llm_no_flash.chat(follow).text == fresh_no_flash(model_path, follow, chat=True)
+    assert llm_no_flash.chat(messages).text == fresh_no_flash(model_path, messages, chat=True)

@@ -151,6 +151,23 @@ def test_state_loaded_in_a_new_llm_continues_like_the_original(llm, model_path, 
         assert sum(decoded) <= n_prompt - n_prefilled + 8  # the saved prompt was not decoded again
 
 
+def test_state_from_another_flash_attention_setting_is_refused_and_changes_nothing(model_path):
+    """Without flash attention the cache is laid out otherwise (V transposed): a clear error
+    names the setting, and the LLM keeps what it held. The same setting loads."""
+    with LLM(model_path, config=CONFIG) as with_flash:
+        with_flash("The three primary colours are")
+        data = with_flash.save_state()
+    with LLM(model_path, config=CONFIG.replace(flash_attn=False)) as without:
+        without("A list of fruits:")
+        held = without.save_state()
+        with pytest.raises(StateError, match="flash attention on, this LLM has it off"):
+            without.load_state(data)
+        assert without.save_state() == held
+        with LLM(model_path, config=CONFIG.replace(flash_attn=False)) as same:
+            same.load_state(held)
+            assert same.save_state() == held
+
+
 def test_bytes_round_trip(llm, model_path):
     llm("A list of fruits:")
     data = llm.save_state()
