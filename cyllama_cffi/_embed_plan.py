@@ -7,7 +7,7 @@ and what happens to a text longer than the context.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 POOLINGS = ("mean", "cls", "last", "none")
 
@@ -72,4 +72,35 @@ def pack(lengths: Sequence[int], n_batch: int, n_seq_max: int) -> List[List[int]
         used += length
     if current:
         groups.append(current)
+    return groups
+
+
+def pack_even(lengths: Sequence[int], n_batch: int, n_seq_max: int, min_rows: int = 2) -> List[Tuple[List[int], int]]:
+    """Group texts into decodes of equally long sequences: ``[(indices, rows), ...]``.
+
+    For a causal model, whose token rows do not depend on what follows them: each text of a
+    group is padded (rows read back and dropped) to ``rows``, the group's longest text (at
+    least ``min_rows``, while that fits ``n_batch``), and ``len(indices) * rows <= n_batch``.
+    llama.cpp then decodes a group as one micro-batch in which every text is one whole piece,
+    so a text's rows are those of its own decode alone, whatever its neighbours: its rows never
+    come from a one-token piece, which takes other kernels. Texts are grouped shortest first,
+    so little is padded.
+    """
+    if n_batch <= 0 or n_seq_max <= 0:
+        raise ValueError("n_batch and n_seq_max must be positive")
+    for index, length in enumerate(lengths):
+        if not 0 < length <= n_batch:
+            raise ValueError(f"text {index} has {length} tokens; a decode holds 1..{n_batch}")
+    groups: List[Tuple[List[int], int]] = []
+    current: List[int] = []
+    rows = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        needed = min(max(lengths[index], min_rows), n_batch)
+        if current and (len(current) == n_seq_max or (len(current) + 1) * max(rows, needed) > n_batch):
+            groups.append((current, rows))
+            current, rows = [], 0
+        current.append(index)
+        rows = max(rows, needed)
+    if current:
+        groups.append((current, rows))
     return groups

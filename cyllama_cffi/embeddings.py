@@ -1,9 +1,10 @@
 """``Embedder``: text to vectors over an embedding-only context.
 
-Many texts go through as parallel sequences: as many whole texts as fit ``n_batch`` tokens
-and ``n_seq_max`` sequences share one ``llama_decode`` (see :func:`._embed_plan.pack`), every
-token's embedding is read back, each text's rows are pooled here ("mean", "cls" = first row,
-"last" = last row, or "none"), and the KV cache is cleared for the next group.
+Many texts go through as parallel sequences: texts of similar lengths, as many as fit
+``n_batch`` tokens and ``n_seq_max`` sequences, share one ``llama_decode``, each padded to the
+longest (see :func:`._embed_plan.pack_even`); every token's embedding is read back, each
+text's rows are pooled here ("mean", "cls" = first row, "last" = last row, or "none"), and the
+KV cache is cleared for the next group.
 
 Why each sequence gets a KV stream of its own (``kv_unified=False``, ``n_ctx`` cells each) and
 why the pooling is done here rather than by llama.cpp (``llama_get_embeddings_seq``): in the
@@ -12,7 +13,10 @@ normalised) when another sequence of similar length shares the decode, so a text
 would depend on its neighbours. Separate streams keep each text's rows the same, to float32
 rounding, alone or in any company; but llama.cpp then splits a decode into micro-batches of
 equal pieces of each sequence, and its pooling, done per micro-batch, would pool pieces. Rows
-pooled here do not care how the decode was split.
+pooled here do not care how the decode was split. Texts of unequal lengths would be split into
+many micro-batches (slow), some pieces of one token, whose rows take other kernels and differ
+in the last bits; padded to equal lengths, a group is one micro-batch, and a text's vector is
+bit for bit the same alone or in any company (a causal model's rows do not see what follows).
 
 Flash attention is off: on the CPU it computes in half precision along a path chosen by the
 batch's size, which would also make a vector move with the texts packed beside it.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
-from ._embed_plan import check_pooling, check_texts, fit_lengths, pack
+from ._embed_plan import check_pooling, check_texts, fit_lengths, pack, pack_even
 from ._ffi import lib
 from .errors import ClosedError
 from .lowlevel.batch import LlamaBatch
@@ -106,19 +110,29 @@ class Embedder:
         tokens = fit_lengths([vocab.tokenize(text, add_special=True) for text in items], self.n_ctx, truncate)
         ctx, batch = self._context()
         rows: List[Any] = [None] * len(items)
-        for group in pack([len(ids) for ids in tokens], ctx.n_batch, self.n_seq_max):
-            self._embed_group(ctx, batch, group, tokens, rows)
+        lengths = [len(ids) for ids in tokens]
+        if lib.llama_get_causal_attn(ctx.ptr):
+            groups = pack_even(lengths, ctx.n_batch, self.n_seq_max)
+        else:  # every row sees the whole text: nothing may follow it
+            groups = [(group, 0) for group in pack(lengths, ctx.n_batch, self.n_seq_max)]
+        for group, padded in groups:
+            self._embed_group(ctx, batch, group, tokens, rows, padded)
         if pooling == "none":
             return [_normalized(matrix) if normalize else matrix for matrix in rows]
         result = np.stack([_pool(matrix, pooling) for matrix in rows])
         return _normalized(result) if normalize else result
 
     def _embed_group(self, ctx: LlamaContext, batch: LlamaBatch, group: List[int],
-                     tokens: List[List[int]], rows: List[Any]) -> None:
-        """One decode of the texts in ``group``, sequence ``k`` for its ``k``-th text; fills ``rows``."""
+                     tokens: List[List[int]], rows: List[Any], padded: int) -> None:
+        """One decode of the texts in ``group``, sequence ``k`` for its ``k``-th text; fills ``rows``.
+
+        Each text is followed by copies of its last token up to ``padded`` tokens (see
+        ``pack_even``); their rows are decoded and dropped.
+        """
         batch.clear()
         for seq_id, index in enumerate(group):
-            for pos, token in enumerate(tokens[index]):
+            ids = tokens[index]
+            for pos, token in enumerate(ids + ids[-1:] * (padded - len(ids))):
                 batch.add(token, pos, (seq_id,), logits=True)  # an embeddings context outputs every token
         ctx.memory_clear()
         ctx.decode(batch)
@@ -127,7 +141,7 @@ class Embedder:
         for index in group:
             count = len(tokens[index])
             rows[index] = matrix[start:start + count]
-            start += count
+            start += max(count, padded)
 
     def _context(self) -> Any:
         """The embeddings context and its batch, made on first use."""

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cyllama_cffi._embed_plan import check_pooling, check_texts, fit_lengths, pack
+from cyllama_cffi._embed_plan import check_pooling, check_texts, fit_lengths, pack, pack_even
 
 
 def test_pack_fills_decodes_in_order_up_to_the_token_budget():
@@ -81,3 +81,22 @@ def test_check_pooling_accepts_the_four(pooling):
 def test_check_pooling_rejects_others(pooling):
     with pytest.raises(ValueError, match="pooling must be one of"):
         check_pooling(pooling)
+
+
+def test_pack_even_groups_shortest_first_and_pads_to_the_longest():
+    assert pack_even([5, 2, 9, 3], n_batch=12, n_seq_max=8) == [([1, 3], 3), ([0], 5), ([2], 9)]
+
+
+def test_pack_even_pads_a_one_token_text_to_two_rows():
+    assert pack_even([1], n_batch=8, n_seq_max=8) == [([0], 2)]
+    assert pack_even([1], n_batch=1, n_seq_max=8) == [([0], 1)]  # unless two do not fit
+
+
+@given(st.lists(st.integers(1, 16), max_size=40), st.integers(16, 64), st.integers(1, 8))
+def test_pack_even_keeps_every_text_once_within_both_limits(lengths, n_batch, n_seq_max):
+    groups = pack_even(lengths, n_batch, n_seq_max)
+    assert sorted(index for group, _ in groups for index in group) == list(range(len(lengths)))
+    for group, rows in groups:
+        assert 1 <= len(group) <= n_seq_max
+        assert rows == max(2, max(lengths[index] for index in group))
+        assert len(group) * rows <= n_batch
