@@ -1,6 +1,7 @@
 """Prefix reuse in a growing chat: time to first token of turn 10, against llama-cpp-python.
 
     python bench/prefix_reuse.py [--repeats 6] [--threads 2] [--turns 10] [--lcpp-python PATH]
+                                 [--flash-attn auto,off]
 
 A chat starts with a system prompt of about 1,300 tokens; each turn adds a user message of
 about 25 tokens, and the model answers it (greedy, ``N_ANSWER`` tokens at most), so that turn 10
@@ -9,6 +10,9 @@ answer and the template's tokens around them). Both sides get the same prompt te
 ChatML of the default model, formatted here), with ``n_ctx`` 2048, ``n_batch = n_ubatch = 512``
 and the same thread count, and both keep their cache between turns: ``LLM`` reuses the prefix
 its rule allows (``docs/state.md``), llama-cpp-python's ``Llama`` the longest common prefix.
+``LLM`` runs once per ``--flash-attn`` setting in each round: ``auto`` (llama.cpp's choice, on
+for the CPU: reuse decodes at least 64 tokens) and ``off`` (llama-cpp-python's default:
+reuse decodes just the new tokens).
 
 Figures, per fresh process (the sides alternate, A B, B A, ...):
 
@@ -35,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 N_CTX, N_BATCH, N_ANSWER = 2048, 512, 12
+FLASH_ATTN = {"auto": None, "off": False}
 LCPP_PYTHON = "/work/venvs/lcpp/bin/python"
 
 WORDS = ("river harbour market bridge winter summer farmer teacher garden tower library music "
@@ -81,11 +86,11 @@ def conversation(turns: int, answer):
     return ttft, prompt
 
 
-def ours_child(model: Path, threads: int, turns: int) -> Dict[str, float]:
+def ours_child(model: Path, threads: int, turns: int, flash_attn: str) -> Dict[str, float]:
     from cyllama_cffi import LLM, GenerationConfig
 
     config = GenerationConfig(temperature=0.0, max_tokens=N_ANSWER, n_threads=threads, n_ctx=N_CTX,
-                              n_batch=N_BATCH, n_ubatch=N_BATCH)
+                              n_batch=N_BATCH, n_ubatch=N_BATCH, flash_attn=FLASH_ATTN[flash_attn])
     with LLM(model, config=config) as llm:
         llm("Warm up.", config=config.replace(max_tokens=2))
         held: List[int] = []
@@ -141,6 +146,7 @@ def lcpp_child(model: Path, threads: int, turns: int) -> Dict[str, float]:
 
 
 def in_child(python: str, side: str, model: Path, threads: int, turns: int) -> Dict[str, float]:
+    """One fresh process: ``side`` is "lcpp" or "ours-<flash-attn setting>"."""
     command = [python, __file__, "--child", side, "--model", str(model), "--threads", str(threads),
                "--turns", str(turns)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -158,24 +164,29 @@ def spread(ratios: Sequence[float]) -> str:
     return f"{math.exp(mean):.3f} (95% {math.exp(mean - half):.3f}-{math.exp(mean + half):.3f})"
 
 
-def run(model: Path, threads: int, repeats: int, turns: int, lcpp_python: str) -> Dict[str, object]:
-    series: Dict[str, List[Dict[str, float]]] = {"ours": [], "lcpp": []}
+def run(model: Path, threads: int, repeats: int, turns: int, lcpp_python: str,
+        settings: Sequence[str]) -> Dict[str, object]:
+    sides = ["lcpp", *(f"ours-{setting}" for setting in settings)]
+    series: Dict[str, List[Dict[str, float]]] = {side: [] for side in sides}
     for index in range(repeats + repeats % 2):
-        order = ("ours", "lcpp") if index % 2 == 0 else ("lcpp", "ours")
-        for side in order:
-            python = sys.executable if side == "ours" else lcpp_python
+        for side in (sides if index % 2 == 0 else sides[::-1]):
+            python = lcpp_python if side == "lcpp" else sys.executable
             series[side].append(in_child(python, side, model, threads, turns))
-    ours = [r["ttft"] for r in series["ours"]]
     theirs = [r["ttft"] for r in series["lcpp"]]
-    own = [r["own_prefill"] for r in series["ours"]]
-    vs_lcpp = [a / b for a, b in zip(ours, theirs)]
-    vs_own = [a / (b + 0.005) for a, b in zip(ours, own)]
-    print(f"turn {turns} TTFT ({series['ours'][0]['n_prompt']} prompt tokens, {series['ours'][0]['n_new']} new): "
-          f"ours {statistics.median(ours) * 1e3:.1f} ms  llama-cpp-python {statistics.median(theirs) * 1e3:.1f} ms  "
-          f"own prefill of the new tokens {statistics.median(own) * 1e3:.1f} ms", flush=True)
-    print(f"  ours / llama-cpp-python: paired median {statistics.median(vs_lcpp):.3f}  geo-mean {spread(vs_lcpp)}")
-    print(f"  ours / (own prefill + 5 ms): paired median {statistics.median(vs_own):.3f}  geo-mean {spread(vs_own)}")
-    return {"ours": series["ours"], "lcpp": series["lcpp"], "ours_over_lcpp": vs_lcpp, "ours_over_own_plus_5ms": vs_own}
+    report: Dict[str, object] = dict(series)
+    print(f"turn {turns}: llama-cpp-python TTFT {statistics.median(theirs) * 1e3:.1f} ms", flush=True)
+    for side in sides[1:]:
+        ours = [r["ttft"] for r in series[side]]
+        own = [r["own_prefill"] for r in series[side]]
+        vs_lcpp = [a / b for a, b in zip(ours, theirs)]
+        vs_own = [a / (b + 0.005) for a, b in zip(ours, own)]
+        first = series[side][0]
+        print(f"{side} ({first['n_prompt']} prompt tokens, {first['n_new']} new): TTFT {statistics.median(ours) * 1e3:.1f} ms"
+              f"  own prefill of the new tokens {statistics.median(own) * 1e3:.1f} ms", flush=True)
+        print(f"  / llama-cpp-python: paired median {statistics.median(vs_lcpp):.3f}  geo-mean {spread(vs_lcpp)}")
+        print(f"  / (own prefill + 5 ms): paired median {statistics.median(vs_own):.3f}  geo-mean {spread(vs_own)}")
+        report[f"{side}_over_lcpp"], report[f"{side}_over_own_plus_5ms"] = vs_lcpp, vs_own
+    return report
 
 
 def main() -> int:
@@ -185,6 +196,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--lcpp-python", default=LCPP_PYTHON)
+    parser.add_argument("--flash-attn", default="auto,off", help="our settings to run, comma-separated")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -194,11 +206,15 @@ def main() -> int:
     from cyllama_cffi.models import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
-    if args.child == "ours":
-        print(json.dumps(ours_child(model, args.threads, args.turns)))
+    if args.child and args.child.startswith("ours-"):
+        print(json.dumps(ours_child(model, args.threads, args.turns, args.child[len("ours-"):])))
         return 0
+    settings = args.flash_attn.split(",")
+    unknown = sorted(set(settings) - set(FLASH_ATTN))
+    if unknown:
+        parser.error(f"--flash-attn: {', '.join(unknown)}; choose from {', '.join(FLASH_ATTN)}")
     started = time.time()
-    report = run(model, args.threads, args.repeats, args.turns, args.lcpp_python)
+    report = run(model, args.threads, args.repeats, args.turns, args.lcpp_python, settings)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"({time.time() - started:.0f} s)")

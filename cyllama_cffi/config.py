@@ -230,7 +230,8 @@ def _problems(c: GenerationConfig) -> Iterator[str]:
         _flag("use_mmap", c.use_mmap),
         _logprobs(c.logprobs),
         _logit_bias(c.logit_bias),
-        None if c.flash_attn is None else _flag("flash_attn (or None)", c.flash_attn),
+        None if c.flash_attn is None or isinstance(c.flash_attn, bool)
+        else f"flash_attn must be True, False or None, got {c.flash_attn!r}",
     ]
     return (message for message in checks if message)
 

@@ -46,3 +46,19 @@ def model(model_path):
     loaded = LlamaModel(model_path)
     yield loaded
     loaded.close()
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The sizes of the prompt chunks ``KVSequence`` decodes from now on (what prefix reuse left to do)."""
+    from cyllama_cffi._sequence import KVSequence
+
+    sizes = []
+    original = KVSequence.decode_chunk
+
+    def counting(self, tokens, logits_last):
+        sizes.append(len(tokens))
+        return original(self, tokens, logits_last)
+
+    monkeypatch.setattr(KVSequence, "decode_chunk", counting)
+    return sizes

@@ -38,19 +38,6 @@ def llm(model_path):
         yield instance
 
 
-@pytest.fixture
-def decoded(monkeypatch):
-    """The sizes of the prompt chunks decoded from now on."""
-    sizes = []
-    original = KVSequence.decode_chunk
-
-    def counting(self, tokens, logits_last):
-        sizes.append(len(tokens))
-        return original(self, tokens, logits_last)
-
-    monkeypatch.setattr(KVSequence, "decode_chunk", counting)
-    return sizes
-
 
 def test_prefill_plan_keeps_every_chunk_of_a_long_prompt_tiled():
     for step in (128, 256, 512):

@@ -35,19 +35,6 @@ def llm(model_path):
         yield instance
 
 
-@pytest.fixture
-def decoded(monkeypatch):
-    """Counts the prompt tokens decoded (chunks of the prefill) from now on."""
-    counts = []
-    original = KVSequence.decode_chunk
-
-    def counting(self, tokens, logits_last):
-        counts.append(len(tokens))
-        return original(self, tokens, logits_last)
-
-    monkeypatch.setattr(KVSequence, "decode_chunk", counting)
-    return counts
-
 
 def record_matches_cache(llm):
     seq = llm._seq

@@ -19,6 +19,7 @@ DEFAULTS = {
     "split_mode": 1, "tensor_split": None, "n_ctx": None, "n_batch": 2048, "seed": 0xFFFFFFFF,
     "stop_sequences": [], "add_bos": True, "parse_special": True, "n_ubatch": 512, "n_threads": None,
     "use_mmap": True, "grammar": None, "json_schema": None, "logprobs": None, "logit_bias": None,
+    "flash_attn": None,
 }
 
 
@@ -115,6 +116,8 @@ INVALID = [
     ("n_threads", 513, "n_threads must be >= 1 and <= 512, got 513"),
     ("use_mmap", None, "use_mmap must be a bool, got None"),
     ("use_mmap", "no", "use_mmap must be a bool, got 'no'"),
+    ("flash_attn", "off", "flash_attn must be True, False or None, got 'off'"),
+    ("flash_attn", 0, "flash_attn must be True, False or None, got 0"),
     ("grammar", "root ::= x", "grammar: invalid GBNF grammar: rule 'x' is used but never defined"),
     ("grammar", "root ::= (", "grammar: invalid GBNF grammar: expected ')' (unbalanced parentheses) at line 1, "
                               "column 11 (end of text)"),
@@ -173,7 +176,7 @@ VALID_EDGES = [
     ("tensor_split", [0, 1]), ("n_ctx", 1), ("n_ctx", 7), ("n_ctx", 1 << 24), ("n_batch", 1), ("n_batch", 1 << 20),
     ("n_ubatch", 1 << 20), ("seed", None), ("seed", -1), ("seed", 0), ("seed", 2**32 - 1),
     ("stop_sequences", ("a", "\n\n")), ("stop_sequences", [""]), ("add_bos", False), ("parse_special", False),
-    ("n_threads", 1), ("n_threads", 512), ("use_mmap", False),
+    ("n_threads", 1), ("n_threads", 512), ("use_mmap", False), ("flash_attn", False), ("flash_attn", True),
     ("grammar", 'root ::= "a"'), ("json_schema", {}), ("json_schema", {"type": "integer"}),
     ("logprobs", None), ("logprobs", 0), ("logprobs", 1), ("logprobs", 20), ("logit_bias", None), ("logit_bias", {}),
     ("logit_bias", {0: 100.0, 7: -float("inf"), 2**31 - 1: -3.4e38}),

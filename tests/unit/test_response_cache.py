@@ -21,7 +21,7 @@ OUTPUT_VALUES = {"max_tokens": 9, "temperature": 0.1, "top_k": 3, "top_p": 0.5, 
                  "dry_sequence_breakers": ["!"], "top_n_sigma": 1.0, "mirostat": 2, "mirostat_tau": 3.0,
                  "mirostat_eta": 0.3, "n_ctx": 512, "seed": 8, "stop_sequences": ["\n"], "add_bos": False,
                  "parse_special": False, "grammar": 'root ::= "x"', "json_schema": {"type": "string"},
-                 "logprobs": 3, "logit_bias": {5: 2.0}}
+                 "logprobs": 3, "logit_bias": {5: 2.0}, "flash_attn": False}
 
 
 class FakeClock:
