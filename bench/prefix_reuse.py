@@ -1,7 +1,7 @@
 """Prefix reuse in a growing chat: time to first token of turn 10, against llama-cpp-python.
 
     python bench/prefix_reuse.py [--repeats 6] [--threads 2] [--turns 10] [--lcpp-python PATH]
-                                 [--flash-attn auto,off]
+                                 [--flash-attn auto,off] [--think 1.0]
 
 A chat starts with a system prompt of about 1,300 tokens; each turn adds a user message of
 about 25 tokens, and the model answers it (greedy, ``N_ANSWER`` tokens at most), so that turn 10
@@ -12,7 +12,10 @@ and the same thread count, and both keep their cache between turns: ``LLM`` reus
 its rule allows (``docs/state.md``), llama-cpp-python's ``Llama`` the longest common prefix.
 ``LLM`` runs once per ``--flash-attn`` setting in each round: ``auto`` (llama.cpp's choice, on
 for the CPU: reuse decodes at least 64 tokens) and ``off`` (llama-cpp-python's default:
-reuse decodes just the new tokens).
+reuse decodes just the new tokens). ``--think`` seconds pass between an answer and the next
+turn, as with a user reading it and typing (``LLM`` without flash attention reads the answer
+again as a prompt chunk then, so the next turn decodes only its own new tokens; ``--think 0``
+shows the back-to-back case, where that re-read is waited for).
 
 Figures, per fresh process (the sides alternate, A B, B A, ...):
 
@@ -72,8 +75,9 @@ def chatml(messages: Sequence[Dict[str, str]]) -> str:
     return text + "<|im_start|>assistant\n"
 
 
-def conversation(turns: int, answer):
-    """Run ``turns`` turns; ``answer(prompt)`` streams one and returns (text, ttft).
+def conversation(turns: int, answer, think: float):
+    """Run ``turns`` turns; ``answer(prompt)`` streams one and returns (text, ttft). ``think``
+    seconds pass between an answer and the next turn (a user reading and typing).
 
     Returns the last turn's ttft and prompt."""
     messages = [{"role": "system", "content": system_prompt()}]
@@ -83,10 +87,11 @@ def conversation(turns: int, answer):
         prompt = chatml(messages)
         text, ttft = answer(prompt)
         messages.append({"role": "assistant", "content": text.strip()})
+        time.sleep(think if turn < turns else 0.0)
     return ttft, prompt
 
 
-def ours_child(model: Path, threads: int, turns: int, flash_attn: str) -> Dict[str, float]:
+def ours_child(model: Path, threads: int, turns: int, flash_attn: str, think: float) -> Dict[str, float]:
     from cyllama_cffi import LLM, GenerationConfig
 
     config = GenerationConfig(temperature=0.0, max_tokens=N_ANSWER, n_threads=threads, n_ctx=N_CTX,
@@ -96,14 +101,15 @@ def ours_child(model: Path, threads: int, turns: int, flash_attn: str) -> Dict[s
         held: List[int] = []
 
         def answer(prompt: str):
-            held[:] = llm._seq.tokens if llm._seq is not None else []
+            seq = llm._seq  # what it holds, or will once the last answer's re-read is done
+            held[:] = (seq._reread_target or seq.tokens) if seq is not None else []
             started = time.perf_counter()
             stream = llm.stream(prompt)
             first = next(stream)
             ttft = time.perf_counter() - started
             return first + "".join(stream), ttft
 
-        ttft, last_prompt = conversation(turns, answer)
+        ttft, last_prompt = conversation(turns, answer, think)
         # The last turn's prompt, the tokens the cache held before it, and the time to decode
         # only what was new, on top of the history: a perfect reuse's cost.
         prompt = llm.tokenize(last_prompt, add_special=True, parse_special=True)
@@ -111,6 +117,7 @@ def ours_child(model: Path, threads: int, turns: int, flash_attn: str) -> Dict[s
         while common < min(len(prompt) - 1, len(held)) and prompt[common] == held[common]:
             common += 1
         seq = llm._seq
+        seq.settle()  # stop the last answer's re-read: these decodes use the context alone
         times = []
         for _ in range(5):
             seq.ctx.memory_seq_rm(0, common, -1)
@@ -125,7 +132,7 @@ def ours_child(model: Path, threads: int, turns: int, flash_attn: str) -> Dict[s
             "n_prompt": len(prompt)}
 
 
-def lcpp_child(model: Path, threads: int, turns: int) -> Dict[str, float]:
+def lcpp_child(model: Path, threads: int, turns: int, think: float) -> Dict[str, float]:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(model), n_ctx=N_CTX, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=threads,
@@ -142,13 +149,13 @@ def lcpp_child(model: Path, threads: int, turns: int) -> Dict[str, float]:
             parts.append(text)
         return "".join(parts), ttft
 
-    return {"ttft": conversation(turns, answer)[0]}
+    return {"ttft": conversation(turns, answer, think)[0]}
 
 
-def in_child(python: str, side: str, model: Path, threads: int, turns: int) -> Dict[str, float]:
+def in_child(python: str, side: str, model: Path, threads: int, turns: int, think: float) -> Dict[str, float]:
     """One fresh process: ``side`` is "lcpp" or "ours-<flash-attn setting>"."""
     command = [python, __file__, "--child", side, "--model", str(model), "--threads", str(threads),
-               "--turns", str(turns)]
+               "--turns", str(turns), "--think", str(think)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(output.splitlines()[-1])
@@ -165,16 +172,16 @@ def spread(ratios: Sequence[float]) -> str:
 
 
 def run(model: Path, threads: int, repeats: int, turns: int, lcpp_python: str,
-        settings: Sequence[str]) -> Dict[str, object]:
+        settings: Sequence[str], think: float) -> Dict[str, object]:
     sides = ["lcpp", *(f"ours-{setting}" for setting in settings)]
     series: Dict[str, List[Dict[str, float]]] = {side: [] for side in sides}
     for index in range(repeats + repeats % 2):
         for side in (sides if index % 2 == 0 else sides[::-1]):
             python = lcpp_python if side == "lcpp" else sys.executable
-            series[side].append(in_child(python, side, model, threads, turns))
+            series[side].append(in_child(python, side, model, threads, turns, think))
     theirs = [r["ttft"] for r in series["lcpp"]]
     report: Dict[str, object] = dict(series)
-    print(f"turn {turns}: llama-cpp-python TTFT {statistics.median(theirs) * 1e3:.1f} ms", flush=True)
+    print(f"turn {turns}, {think:g} s between turns: llama-cpp-python TTFT {statistics.median(theirs) * 1e3:.1f} ms", flush=True)
     for side in sides[1:]:
         ours = [r["ttft"] for r in series[side]]
         own = [r["own_prefill"] for r in series[side]]
@@ -197,24 +204,26 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--lcpp-python", default=LCPP_PYTHON)
     parser.add_argument("--flash-attn", default="auto,off", help="our settings to run, comma-separated")
+    parser.add_argument("--think", type=float, default=1.0,
+                        help="seconds between an answer and the next turn (a user reading and typing)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.child == "lcpp":
-        print(json.dumps(lcpp_child(Path(args.model), args.threads, args.turns)))
+        print(json.dumps(lcpp_child(Path(args.model), args.threads, args.turns, args.think)))
         return 0
     from cyllama_cffi.models import default_model_path
 
     model = Path(args.model) if args.model else default_model_path()
     if args.child and args.child.startswith("ours-"):
-        print(json.dumps(ours_child(model, args.threads, args.turns, args.child[len("ours-"):])))
+        print(json.dumps(ours_child(model, args.threads, args.turns, args.child[len("ours-"):], args.think)))
         return 0
     settings = args.flash_attn.split(",")
     unknown = sorted(set(settings) - set(FLASH_ATTN))
     if unknown:
         parser.error(f"--flash-attn: {', '.join(unknown)}; choose from {', '.join(FLASH_ATTN)}")
     started = time.time()
-    report = run(model, args.threads, args.repeats, args.turns, args.lcpp_python, settings)
+    report = run(model, args.threads, args.repeats, args.turns, args.lcpp_python, settings, args.think)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"({time.time() - started:.0f} s)")

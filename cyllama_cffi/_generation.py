@@ -64,6 +64,8 @@ def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], 
         progress.prompt_done_at = time.perf_counter()
         record = _logprob_recorder(seq.ctx, progress) if progress.n_logprobs else progress.generated.append
         reason = yield from _tokens(seq, sampler, assembler, max_tokens, n_ctx, cancel, progress.generated, record)
+        if reason is not FinishReason.CANCELLED:
+            seq.reread_generated()  # without flash attention only: so a follow-up reuses the answer
     finally:
         sampler.close()  # the generation owns its sampler chain
     tail = assembler.finish()  # held back: a partial character, a prefix of a stop sequence

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from ._background import HelperThread
+from ._background import HelperThread, Job
 from .errors import DecodeAborted
 from .lowlevel.batch import LlamaBatch
 from .lowlevel.context import LlamaContext
@@ -38,6 +38,8 @@ class KVSequence:
         # whose sums differ in the last bits from a prompt chunk's (see docs/state.md).
         self.kinds = bytearray()
         self._helper: Optional[HelperThread] = None  # decodes the prompt's chunks; see settle()
+        # The record a re-read (reread_generated) on the helper is making, while it runs.
+        self._reread_target: Optional[List[int]] = None
 
     @property
     def step(self) -> int:
@@ -93,7 +95,7 @@ class KVSequence:
         tokens, at least 64 of them, or all of a prompt shorter than 64; without flash
         attention, the new tokens, at least two (see ``docs/state.md``).
         """
-        self.settle()
+        self.settle(prompt)
         record = self.tokens
         keep = reusable_prefix(record, self.kinds, prompt, self.step, self.tiled)
         if keep < len(record):
@@ -101,6 +103,33 @@ class KVSequence:
             del record[keep:]
         del self.kinds[keep:]
         return keep
+
+    def reread_generated(self) -> None:
+        """Without flash attention, decode the generated tokens again as prompt chunks, on a helper.
+
+        A generated token's K/V come from a one-token decode, whose sums differ in the last bits
+        from a prompt chunk's, so a follow-up would decode the answer again as part of its
+        prompt. Re-read while the LLM is idle (a user reading the answer), the answer's cells
+        become what a fresh decode of the follow-up computes (without flash attention every
+        chunk of two tokens or more is of one kind), and the follow-up decodes only its own new
+        tokens. The next generation waits for the re-read if its prompt holds it, and stops it
+        otherwise (:meth:`settle`); the record stays exact throughout.
+        """
+        start = len(self.kinds)
+        if self.tiled is not None or self._helper is not None or start == 0 or len(self.tokens) - start < 2:
+            return
+        answer = self.tokens[start:]
+        self._reread_target = self.tokens[:]
+        self.ctx.memory_seq_rm(self.seq_id, start, -1)
+        del self.tokens[start:]
+
+        def reread() -> None:
+            for a, b in prefill_plan(start, start + len(answer), self.step):
+                self.decode_chunk(answer[a - start:b - start], logits_last=False)
+
+        helper = self.start_helper()
+        helper.submit(Job(reread))
+        helper.stop()  # the thread ends after it
 
     def sync(self) -> None:
         """Cut the cache back to the record, unless a prompt chunk may still be decoding."""
@@ -122,16 +151,22 @@ class KVSequence:
         elif self._helper is not None:
             self._helper.stop()
 
-    def settle(self) -> None:
+    def settle(self, prompt: Optional[Sequence[int]] = None, finish_reread: bool = False) -> None:
         """Make the cache match the record before anyone else uses the context.
 
         A chunk left decoding is stopped (the C flag: at most one graph node) and waited for;
         a busy lock that an interrupted call left held is released (nothing else can use the
-        context now); then what is not on record is cut off.
+        context now); then what is not on record is cut off. A re-read of generated tokens
+        (:meth:`reread_generated`) is waited for instead when ``prompt`` starts with what it
+        makes, or with ``finish_reread``.
         """
-        if self._helper is not None and self._helper.is_alive():
+        target = self._reread_target
+        wanted = finish_reread or (target is not None and prompt is not None
+                                   and list(prompt[:len(target)]) == target)
+        if self._helper is not None and self._helper.is_alive() and not (target is not None and wanted):
             self.ctx.cancel = True  # its result is not wanted; the next generation clears the flag
         self._join_helper()
+        self._reread_target = None
         self.ctx.release_stale_busy()
         self.sync()
 

@@ -216,7 +216,7 @@ class LLM:
         if config.logit_bias:
             self.vocab.check_tokens(config.logit_bias)  # ids the vocabulary lacks: ValueError now
         n_ctx = self._context_size(len(tokens), config)  # bad input is refused before anything changes
-        self._claim()
+        self._claim(tokens)
         try:
             seq = self._sequence_for(n_ctx, config)
             seq.keep_prefix(tokens)  # decode only what the cache does not hold yet
@@ -395,7 +395,7 @@ class LLM:
         :class:`LLMBusyError` while a stream of this LLM is not finished: finish or close it first.
         Before any generation the state is empty (no tokens).
         """
-        self._claim_idle("save_state")
+        self._claim_idle("save_state", finish_reread=True)
         try:
             seq = self._seq
             tokens = list(seq.tokens) if seq is not None else []
@@ -505,8 +505,11 @@ class LLM:
             identity["lora"] = active
         return identity
 
-    def _claim_idle(self, what: str) -> None:
-        """Take the context for ``what`` (not a generation): refused while a stream is not finished."""
+    def _claim_idle(self, what: str, finish_reread: bool = False) -> None:
+        """Take the context for ``what`` (not a generation): refused while a stream is not finished.
+
+        ``finish_reread``: let a re-read of the last answer (``KVSequence.reread_generated``)
+        finish rather than stop it."""
         if self._released:
             raise ClosedError("this LLM is closed: its model was freed when its with block ended")
         with self._lock:
@@ -514,11 +517,14 @@ class LLM:
         if previous is not None and previous.state is not StreamState.FINISHED:
             raise LLMBusyError(f"{what}: a stream of this LLM is still running; finish it, close() it "
                                "or cancel() it first")
-        self._claim()
+        self._claim(finish_reread=finish_reread)
 
     # -- ownership of the context ------------------------------------------------------------
-    def _claim(self) -> None:
-        """Become the one generation that uses the context, or raise ``LLMBusyError``."""
+    def _claim(self, prompt: Optional[Sequence[int]] = None, finish_reread: bool = False) -> None:
+        """Become the one generation that uses the context, or raise ``LLMBusyError``.
+
+        ``prompt``: the tokens the generation will read, so that a re-read of the last answer
+        that they hold is waited for rather than stopped (``KVSequence.settle``)."""
         me = threading.current_thread()
         with self._lock:
             starting = self._starting
@@ -535,7 +541,7 @@ class LLM:
             if previous is not None:
                 previous._supersede()  # at most one graph node of its decode to wait for
             if self._seq is not None:
-                self._seq.settle()  # a prompt chunk left running by an earlier stream
+                self._seq.settle(prompt, finish_reread)  # a chunk left running by an earlier stream
         except BaseException:
             self._starting = None
             raise

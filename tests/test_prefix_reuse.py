@@ -187,19 +187,81 @@ def test_without_flash_attention_any_split_gives_the_fresh_logits_bit_for_bit(ll
             assert np.array_equal(last_logits(cuts), reference), cuts
 
 
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def test_without_flash_attention_chat_turns_decode_just_their_new_tokens(llm_no_flash, model_path, decoded):
+    """The answer is read again as a prompt chunk once it is done, so the next turn decodes only
+    its user message and the template's tokens around it, and still says what a fresh LLM says."""
+    llm = llm_no_flash
     messages = [SYSTEM, {"role": "user", "content": "When does the bakery open?"}]
     n_previous = 0
     for turn in ["And the mill?", "Which one opens first?", "Thanks. And the school?"]:
         expected = fresh_no_flash(model_path, messages, chat=True)
+        held = list(llm._seq.tokens) if llm._seq is not None else []
         decoded.clear()
-        answer = llm_no_flash.chat(messages).text
+        answer = llm.chat(messages).text
+        llm._seq.settle(finish_reread=True)  # the answer's re-read, started as it ended, is done
         assert answer == expected
-        n_prompt = n_tokens(llm_no_flash, messages)
-        if n_previous:  # the previous answer and this turn's message, fewer than the 64 flash attention needs
-            assert sum(decoded) == n_prompt - n_previous < TILED
-        n_previous = n_prompt
+        prompt = llm.tokenize(llm.format_chat(messages), add_special=False, parse_special=True)
+        keep = min(common_prefix(held, prompt), len(prompt) - 2)
+        n_answer = len(llm._seq.tokens) - len(prompt)
+        assert decoded == [len(prompt) - keep, n_answer]  # the new tokens, then the answer's re-read
+        assert llm._seq.n_prefilled == len(llm._seq.tokens)  # all of it reusable now
+        if n_previous:  # the previous answer came from the cache too
+            assert keep > n_previous and len(prompt) - keep < TILED
+        n_previous = len(prompt)
         messages = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": turn}]
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_a_reread_is_waited_for_by_a_prompt_that_holds_it_and_stopped_otherwise(llm_no_flash, follows):
+    """A re-read that goes on until the C flag stops it or the test lets it end: settle() with
+    a prompt that holds its tokens lets it end; with another prompt it raises the flag."""
+    import threading
+
+    from cyllama_cffi._background import Job
+
+    llm = llm_no_flash
+    llm("The bakery")
+    seq = llm._seq
+    seq.settle(finish_reread=True)
+    let_go = threading.Event()
+
+    def reread():  # stands in for a long decode: it ends on the flag, as ggml does
+        while not seq.ctx.cancel and not let_go.wait(0.01):
+            pass
+
+    seq._reread_target = list(seq.tokens) + [11, 12]
+    helper = seq.start_helper()
+    helper.submit(Job(reread))
+    helper.stop()
+    prompt = seq._reread_target + [13, 14] if follows else [15, 16, 17]
+    if follows:
+        threading.Timer(0.2, let_go.set).start()
+    seq.settle(prompt)
+    assert seq.ctx.cancel is (not follows)
+    assert seq._helper is None and seq._reread_target is None
+
+
+def test_without_flash_attention_another_prompt_after_an_answer_matches_fresh(llm_no_flash, model_path):
+    llm_no_flash.chat([SYSTEM, {"role": "user", "content": "Describe the market."}])
+    other = "An unrelated question: what is two and two?"
+    assert llm_no_flash(other).text == fresh_no_flash(model_path, other)
+
+
+def test_without_flash_attention_save_state_waits_for_the_reread(llm_no_flash, model_path):
+    llm = llm_no_flash
+    messages = [SYSTEM, {"role": "user", "content": "Where is the chapel?"}]
+    llm.chat(messages)
+    data = llm.save_state()
+    with LLM(model_path, config=NO_FLASH) as other:
+        other.load_state(data)
+        assert other._seq.n_prefilled == len(other._seq.tokens) > n_tokens(other, messages)
 
 
 def test_without_flash_attention_a_retry_decodes_two_tokens(llm_no_flash, model_path, decoded):
