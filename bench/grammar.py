@@ -1,6 +1,6 @@
 """Decoding under a JSON-schema grammar: ``GenerationConfig(json_schema=...)`` against llama-cpp-python.
 
-    python bench/grammar.py [--repeats 6] [--threads 2] [--tokens 96] [--lcpp-python PATH]
+    python bench/grammar.py [--repeats 6] [--threads 2] [--tokens 96] --lcpp-python PATH
 
 Both sides get the same prompt text (ChatML, formatted here), the same schema (a function call
 in the OpenAI style: a function name from an enum and its arguments object), greedy decoding,
@@ -27,7 +27,6 @@ from typing import Dict, List, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LCPP_PYTHON = "/work/venvs/lcpp/bin/python"
 N_CTX = 1024
 SCHEMA = {
     "type": "object",
@@ -132,7 +131,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=96)
-    parser.add_argument("--lcpp-python", default=LCPP_PYTHON)
+    parser.add_argument("--lcpp-python", required=True,
+                        help="an interpreter with llama-cpp-python installed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Prefix reuse in a growing chat: time to first token of turn 10, against llama-cpp-python.
 
-    python bench/prefix_reuse.py [--repeats 6] [--threads 2] [--turns 10] [--lcpp-python PATH]
+    python bench/prefix_reuse.py [--repeats 6] [--threads 2] [--turns 10] --lcpp-python PATH
                                  [--flash-attn auto,off] [--think 1.0]
 
 A chat starts with a system prompt of about 1,300 tokens; each turn adds a user message of
@@ -43,7 +43,6 @@ sys.path.insert(0, str(REPO))
 
 N_CTX, N_BATCH, N_ANSWER = 2048, 512, 12
 FLASH_ATTN = {"auto": None, "off": False}
-LCPP_PYTHON = "/work/venvs/lcpp/bin/python"
 
 WORDS = ("river harbour market bridge winter summer farmer teacher garden tower library music "
          "letter window morning evening village castle forest mountain island station engine "
@@ -202,7 +201,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--lcpp-python", default=LCPP_PYTHON)
+    parser.add_argument("--lcpp-python", required=True,
+                        help="an interpreter with llama-cpp-python installed")
     parser.add_argument("--flash-attn", default="auto,off", help="our settings to run, comma-separated")
     parser.add_argument("--think", type=float, default=1.0,
                         help="seconds between an answer and the next turn (a user reading and typing)")
