@@ -2,6 +2,7 @@
 much later that prompt's first token comes.
 
     python bench/fair_steps.py [--budgets 16,32,64,128,256,512,1024,2048] [--rounds 3] [--long-tokens 4000]
+                               [--flash-attn auto|on|off] [--step-ms MS] [--kv-unified]
 
 One ``Engine`` of 5 sequences (``n_batch`` 2048, ``n_ubatch`` 512, each sequence ``long + 512``
 cells, 2 threads). Four sequences generate greedily from 32-token prompts of random vocabulary
@@ -59,6 +60,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "split, a step's rows go in as micro-batches of equal rows per sequence)")
     parser.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="auto",
                         help="the context's flash attention (auto: llama.cpp's choice, on for the CPU)")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="with --flash-attn off: the engine's step_time, in ms (a step beside the streams "
+                             "reads more whole chunks while steps stay this short; 0: never, as by default)")
     parser.add_argument("--max-gap-ms", type=float, default=250.0, help="the gap p99 a default budget must keep")
     parser.add_argument("--max-ttft-ratio", type=float, default=1.5,
                         help="the TTFT / full-batch solo prefill a default budget must keep")
@@ -106,7 +110,7 @@ def long_prompt_tokens(vocab, n_tokens: int) -> List[int]:
 
 
 def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_name: str = "wall",
-           kv_unified: bool = False, flash_attn: str = "auto") -> Dict[str, Any]:
+           kv_unified: bool = False, flash_attn: str = "auto", step_ms: float = 0.0) -> Dict[str, Any]:
     """One engine at ``budget``: the long prompt alone, then with four streams generating.
 
     ``clock_name`` "cpu" times everything with this thread's CPU time, which with one thread
@@ -120,7 +124,7 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_
     model = LlamaModel(model_path)
     engine = Engine(model, n_ctx=N_SEQ_MAX * (long_tokens + 512), n_seq_max=N_SEQ_MAX, n_batch=N_BATCH,
                     n_ubatch=N_UBATCH, n_threads=threads, prompt_budget=budget, kv_unified=kv_unified,
-                    flash_attn=FLASH_ATTN[flash_attn])
+                    flash_attn=FLASH_ATTN[flash_attn], step_time=step_ms / 1000 if step_ms else None)
     vocab = model.vocab
     long_prompt = long_prompt_tokens(vocab, long_tokens)
 
@@ -166,7 +170,7 @@ def sample(model_path: Path, budget: int, long_tokens: int, threads: int, clock_
 def sample_in_child(model: Path, budget: int, args: argparse.Namespace) -> Dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(budget), "--model", str(model),
                "--long-tokens", str(args.long_tokens), "--threads", str(args.threads), "--clock", args.clock,
-               "--flash-attn", args.flash_attn, *(["--kv-unified"] if args.kv_unified else [])]
+               "--flash-attn", args.flash_attn, "--step-ms", str(args.step_ms), *(["--kv-unified"] if args.kv_unified else [])]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"budget {budget} sample failed:\n{result.stderr[-3000:]}")
@@ -224,7 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     if args.child is not None:
-        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock, args.kv_unified, args.flash_attn)))
+        print(json.dumps(sample(model, args.child, args.long_tokens, args.threads, args.clock, args.kv_unified, args.flash_attn,
+                                args.step_ms)))
         return 0
     started = time.time()
     samples = []
@@ -238,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = summarize(samples, args.budgets)
     print(f"\n{args.long_tokens}-token prompt joining {N_STREAMS} greedy streams, {args.threads} thread(s), "
           f"{args.rounds} round(s), {args.clock} clock, {'unified' if args.kv_unified else 'split'} KV cache, "
-          f"flash attention {args.flash_attn}:\n")
+          f"flash attention {args.flash_attn}"
+          f"{f', steps paced to {args.step_ms:g} ms' if args.step_ms else ''}:\n")
     print_table(rows)
     pick = choose(rows, args.max_gap_ms, args.max_ttft_ratio)
     print(f"\nlargest budget with gap p99 <= {args.max_gap_ms:.0f} ms and TTFT <= {args.max_ttft_ratio}x "

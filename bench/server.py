@@ -365,10 +365,24 @@ def start_server(args: argparse.Namespace, name: str, model: Path, parallel: int
 
 
 def default_llama_server() -> Path:
-    """llama-server of the native build of the pinned llama.cpp (its ``server`` build directory)."""
+    """llama-server of the native build of the pinned llama.cpp, built on first use.
+
+    It lives in a ``server`` directory beside the package's own native build, configured with
+    the same CMake flags but for ``LLAMA_BUILD_SERVER=ON`` (the package's build leaves the
+    server out), so both sides run the same ggml.
+    """
     import build_libllama
 
-    return build_libllama.native_build_dir(build_libllama.resolve_source()) / "server" / "cmake" / "bin" / "llama-server"
+    cmake_dir = build_libllama.native_build_dir(build_libllama.resolve_source()) / "server" / "cmake"
+    binary = cmake_dir / "bin" / "llama-server"
+    if not binary.is_file():
+        flags = [f for f in build_libllama.cmake_flags() if not f.startswith("-DLLAMA_BUILD_SERVER=")]
+        print(f"building llama-server in {cmake_dir} (minutes, once)", file=sys.stderr)
+        subprocess.run(["cmake", "-S", str(build_libllama.resolve_source()), "-B", str(cmake_dir), "-G", "Ninja",
+                        *flags, "-DLLAMA_BUILD_SERVER=ON"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(cmake_dir), "--parallel", str(build_libllama.usable_cores()),
+                        "--target", "llama-server"], check=True, stdout=subprocess.DEVNULL)
+    return binary
 
 
 # -- clients -------------------------------------------------------------------------------------------------
@@ -601,7 +615,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "llama-server" in args.servers and "{llama_server}" in args.commands["llama-server"]:
         args.llama_server = args.llama_server or str(default_llama_server())
         if not Path(args.llama_server).is_file():
-            raise SystemExit(f"no llama-server at {args.llama_server}; build it or pass --llama-server")
+            raise SystemExit(f"no llama-server at {args.llama_server}")
     started = time.time()
     result = run_fair(args, model) if args.scenario == "fair" else run_throughput(args, model)
     if args.json:
