@@ -131,11 +131,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=96)
-    parser.add_argument("--lcpp-python", required=True,
+    parser.add_argument("--lcpp-python",
                         help="an interpreter with llama-cpp-python installed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not args.child and not args.lcpp_python:
+        parser.error("--lcpp-python is required: an interpreter with llama-cpp-python installed")
     if args.child == "lcpp":
         print(json.dumps(lcpp_child(Path(args.model), args.threads, args.tokens)))
         return 0

@@ -201,7 +201,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--lcpp-python", required=True,
+    parser.add_argument("--lcpp-python",
                         help="an interpreter with llama-cpp-python installed")
     parser.add_argument("--flash-attn", default="auto,off", help="our settings to run, comma-separated")
     parser.add_argument("--think", type=float, default=1.0,
@@ -209,6 +209,8 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not args.child and not args.lcpp_python:
+        parser.error("--lcpp-python is required: an interpreter with llama-cpp-python installed")
     if args.child == "lcpp":
         print(json.dumps(lcpp_child(Path(args.model), args.threads, args.turns, args.think)))
         return 0

@@ -163,9 +163,12 @@ class KVSequence:
         target = self._reread_target
         wanted = finish_reread or (target is not None and prompt is not None
                                    and list(prompt[:len(target)]) == target)
-        if self._helper is not None and self._helper.is_alive() and not (target is not None and wanted):
-            self.ctx.cancel = True  # its result is not wanted; the next generation clears the flag
+        stopping = self._helper is not None and self._helper.is_alive() and not (target is not None and wanted)
+        if stopping:
+            self.ctx.cancel = True  # its result is not wanted
         self._join_helper()
+        if stopping:  # the flag stopped the helper's decode and must not stop the caller's
+            self.ctx.cancel = False
         self._reread_target = None
         self.ctx.release_stale_busy()
         self.sync()

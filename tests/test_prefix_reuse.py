@@ -221,7 +221,8 @@ def test_without_flash_attention_chat_turns_decode_just_their_new_tokens(llm_no_
 @pytest.mark.parametrize("follows", [True, False])
 def test_a_reread_is_waited_for_by_a_prompt_that_holds_it_and_stopped_otherwise(llm_no_flash, follows):
     """A re-read that goes on until the C flag stops it or the test lets it end: settle() with
-    a prompt that holds its tokens lets it end; with another prompt it raises the flag."""
+    a prompt that holds its tokens lets it end; with another prompt it raises the flag, and
+    lowers it again once the re-read has stopped (the caller's own decodes must run)."""
     import threading
 
     from cyllama_cffi._background import Job
@@ -231,21 +232,28 @@ def test_a_reread_is_waited_for_by_a_prompt_that_holds_it_and_stopped_otherwise(
     seq = llm._seq
     seq.settle(finish_reread=True)
     let_go = threading.Event()
+    stopped_by_flag = []
 
     def reread():  # stands in for a long decode: it ends on the flag, as ggml does
         while not seq.ctx.cancel and not let_go.wait(0.01):
             pass
+        stopped_by_flag.append(bool(seq.ctx.cancel))
 
     seq._reread_target = list(seq.tokens) + [11, 12]
     helper = seq.start_helper()
     helper.submit(Job(reread))
     helper.stop()
     prompt = seq._reread_target + [13, 14] if follows else [15, 16, 17]
-    if follows:
-        threading.Timer(0.2, let_go.set).start()
+    # follows: the re-read is let go after a moment; otherwise only a missing flag would leave
+    # it running, until this timer ends the test's wait with a failure rather than a hang.
+    let_go_timer = threading.Timer(0.2 if follows else 60.0, let_go.set)
+    let_go_timer.start()
     seq.settle(prompt)
-    assert seq.ctx.cancel is (not follows)
+    let_go_timer.cancel()
+    assert stopped_by_flag == [not follows]
+    assert seq.ctx.cancel is False
     assert seq._helper is None and seq._reread_target is None
+    assert llm(prompt="The bakery").text  # the context decodes again
 
 
 def test_without_flash_attention_another_prompt_after_an_answer_matches_fresh(llm_no_flash, model_path):
