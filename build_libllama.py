@@ -626,7 +626,8 @@ def extension_settings(native: NativeBuild, link_dir: Optional[Path] = None) -> 
     if sys.platform == "darwin":
         link_args = [*link_files, "-Wl,-rpath,@loader_path"]
     else:
-        link_args = [*link_files, "-Wl,-rpath,$ORIGIN", "-Wl,--no-as-needed"]
+        # -ldl: dlopen/dlsym (the shim's OpenMP look-up) live in libdl before glibc 2.34
+        link_args = [*link_files, "-Wl,-rpath,$ORIGIN", "-Wl,--no-as-needed", "-ldl"]
     return {
         "sources": [str(SHIM_DIR / "cyllama_shim.c")],
         "depends": [str(SHIM_DIR / "cyllama_shim.h")],

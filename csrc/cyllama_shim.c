@@ -1,10 +1,10 @@
 /* Implementation of cyllama_shim.h: a source file of its own, compiled and linked
  * into the cffi module next to the C code cffi generates. */
 
-/* sigaction and siginfo_t (POSIX) and MADV_HUGEPAGE (not POSIX) under a strict -std=c11
- * too: nothing here includes Python.h, which would ask for them. Before any include. */
-#ifndef _DEFAULT_SOURCE
-#define _DEFAULT_SOURCE
+/* sigaction and siginfo_t (POSIX), MADV_HUGEPAGE and RTLD_DEFAULT (not POSIX) under a strict
+ * -std=c11 too: nothing here includes Python.h, which would ask for them. Before any include. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
 #endif
 
 #include "ggml.h"
@@ -12,6 +12,7 @@
 
 #include "cyllama_shim.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -239,4 +240,39 @@ int cyl_advise_huge_pages(uintptr_t start, size_t length) {
     errno = ENOSYS;
     return -1;
 #endif
+}
+
+/* OpenMP's omp_pause_resource_all, looked up rather than linked: ggml-cpu brings the runtime
+ * (libgomp from gcc, libomp from clang) only when it was built with OpenMP, and may have been
+ * loaded with RTLD_LOCAL, hence the look-up by soname of a library already loaded. */
+typedef int (*cyl_omp_pause_fn)(int kind);
+
+static cyl_omp_pause_fn find_omp_pause(void) {
+    static const char *const runtimes[] = {"libgomp.so.1", "libomp.so", "libomp.so.5", "libiomp5.so",
+                                           "libomp.dylib", "libgomp.1.dylib"};
+    void *symbol = dlsym(RTLD_DEFAULT, "omp_pause_resource_all");
+    for (size_t i = 0; symbol == NULL && i < sizeof runtimes / sizeof runtimes[0]; i++) {
+        void *handle = dlopen(runtimes[i], RTLD_LAZY | RTLD_NOLOAD);
+        if (handle != NULL) {
+            symbol = dlsym(handle, "omp_pause_resource_all");
+            dlclose(handle); /* NOLOAD took a reference to a library that stays loaded */
+        }
+    }
+    cyl_omp_pause_fn pause;
+    memcpy(&pause, &symbol, sizeof pause); /* object pointer to function pointer, as POSIX allows */
+    return pause;
+}
+
+int cyl_release_openmp_threads(void) {
+    static cyl_omp_pause_fn pause = NULL; /* found once; looked for again while absent */
+    cyl_omp_pause_fn found = __atomic_load_n(&pause, __ATOMIC_ACQUIRE);
+    if (found == NULL) {
+        found = find_omp_pause();
+        if (found == NULL) {
+            return 0;
+        }
+        __atomic_store_n(&pause, found, __ATOMIC_RELEASE);
+    }
+    enum { omp_pause_soft = 1 }; /* the OpenMP 5.0 value, without requiring omp.h */
+    return found(omp_pause_soft) == 0 ? 1 : -1;
 }

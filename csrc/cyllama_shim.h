@@ -11,7 +11,8 @@
  *    for a step of several sequences;
  *  - a log sink that filters llama.cpp's log lines in C and forwards only the
  *    wanted ones to Python;
- *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see cyllama_cffi/_huge_pages.py).
+ *  - madvise(MADV_HUGEPAGE) for a private copy of the weights (see cyllama_cffi/_huge_pages.py);
+ *  - freeing the calling thread's OpenMP worker pool (see cyllama_cffi/_sequence.py).
  *
  * The part between the CDEF markers is also fed to cffi's cdef, so it must
  * stay within what cffi's parser accepts; the includes above it stay outside,
@@ -79,6 +80,13 @@ void cyl_log_set_enabled(bool enabled);
  * with transparent huge pages. 0 on success, -1 with errno set (ENOSYS where there is no such
  * advice). Python has no madvise for memory it did not map itself. */
 int cyl_advise_huge_pages(uintptr_t start, size_t length);
+
+/* Free the OpenMP worker pool of the calling thread (omp_pause_resource_all(omp_pause_soft)),
+ * so that a decode on another thread has the cores to itself: libgomp keeps one pool per thread
+ * that ran a parallel region, and once its pools hold more threads than there are cores it
+ * stops spinning at ggml's per-node barriers. 1 when the OpenMP runtime loaded in the process
+ * freed it, 0 when none is loaded (a build without OpenMP), -1 when the runtime refused. */
+int cyl_release_openmp_threads(void);
 /* END CDEF */
 
 #endif /* CYLLAMA_SHIM_H */

@@ -58,7 +58,8 @@ class HelperThread:
     barrier, and libgomp stops spinning at those barriers (sleeping in the kernel instead) once
     its pools hold more threads than there are cores. A decode thread kept beside the one that
     decodes the generated tokens made token decoding ~18 % slower on 2 cores; a thread that
-    ends with its prompt frees its pool before the first token.
+    ends with its prompt frees its pool before the first token, and the thread that starts it
+    frees its own first (``KVSequence.start_helper``).
     """
 
     def __init__(self) -> None:

@@ -19,7 +19,8 @@ from cyllama_cffi.response import FinishReason, GenerationStats
 
 
 class FakeStream:
-    """Chunks ``"<prompt><i> "`` every few milliseconds until ``max_tokens`` or a cancel."""
+    """Chunks ``"<prompt><i> "`` every few milliseconds until ``max_tokens`` or a cancel; with the
+    prompt ``"stall"``, one chunk and then none until a cancel."""
 
     def __init__(self, llm: "FakeLLM", prompt: str, max_tokens: int) -> None:
         self.llm, self.prompt, self.max_tokens = llm, prompt, max_tokens
@@ -33,7 +34,8 @@ class FakeStream:
 
     def __next__(self) -> str:
         if self.finish_reason is None:
-            self.llm.cancelled.wait(0.005)  # the "decode" of one token, which a cancel interrupts
+            stalled = self.prompt == "stall" and self.count > 0
+            self.llm.cancelled.wait(None if stalled else 0.005)  # the "decode" of one token, which a cancel interrupts
             if self.llm.cancelled.is_set():
                 self._finish(FinishReason.CANCELLED)
             elif self.count >= self.max_tokens:
@@ -120,9 +122,11 @@ def test_a_cancel_reaches_only_the_cancelled_calls_generation(llm):
 
 def test_the_streams_timeout_and_a_call_from_the_task_that_left_a_stream(llm):
     async def main():
-        with pytest.raises(asyncio.TimeoutError):
-            async for _ in llm.stream("t", timeout=0.001, max_tokens=10**6):
-                pass
+        chunks = []
+        with pytest.raises(asyncio.TimeoutError):  # 1 s for the first chunk; the second never comes
+            async for chunk in llm.stream("stall", timeout=1.0, max_tokens=10**6):
+                chunks.append(chunk)
+        assert chunks == ["stall1 "]  # the generation ran, and the timeout cancelled it
         assert llm.last_finish_reason == "cancelled"
         stream = llm.stream("s", max_tokens=10**6)
         async for _ in stream:
