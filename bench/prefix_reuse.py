@@ -7,14 +7,16 @@ A chat starts with a system prompt of about 1,300 tokens; each turn adds a user 
 about 25 tokens, and the model answers it (greedy, ``N_ANSWER`` tokens at most), so that turn 10
 has about 1,500 tokens of history and about 30-45 new ones (its user message, the previous
 answer and the template's tokens around them). Both sides get the same prompt text (the
-ChatML of the default model, formatted here), with ``n_ctx`` 2048, ``n_batch = n_ubatch = 512``
+ChatML of the default model, formatted here; ``LLM`` gets it through ``LLM.chat``, which
+renders the same text from the messages), with ``n_ctx`` 2048, ``n_batch = n_ubatch = 512``
 and the same thread count, and both keep their cache between turns: ``LLM`` reuses the prefix
 its rule allows (``docs/state.md``), llama-cpp-python's ``Llama`` the longest common prefix.
 ``LLM`` runs once per ``--flash-attn`` setting in each round: ``auto`` (llama.cpp's choice, on
 for the CPU: reuse decodes at least 64 tokens) and ``off`` (llama-cpp-python's default:
 reuse decodes just the new tokens). ``--think`` seconds pass between an answer and the next
 turn, as with a user reading it and typing (``LLM`` without flash attention reads the answer
-again as a prompt chunk then, so the next turn decodes only its own new tokens; ``--think 0``
+again as a prompt chunk then, with the template's tokens that follow an answer, so the next
+turn decodes only its user message and the assistant's opener; ``--think 0``
 shows the back-to-back case, where that re-read is waited for).
 
 Figures, per fresh process (the sides alternate, A B, B A, ...):
@@ -75,7 +77,7 @@ def chatml(messages: Sequence[Dict[str, str]]) -> str:
 
 
 def conversation(turns: int, answer, think: float):
-    """Run ``turns`` turns; ``answer(prompt)`` streams one and returns (text, ttft). ``think``
+    """Run ``turns`` turns; ``answer(prompt, messages)`` streams one and returns (text, ttft). ``think``
     seconds pass between an answer and the next turn (a user reading and typing).
 
     Returns the last turn's ttft and prompt."""
@@ -84,7 +86,7 @@ def conversation(turns: int, answer, think: float):
     for turn in range(1, turns + 1):
         messages.append({"role": "user", "content": user_message(turn)})
         prompt = chatml(messages)
-        text, ttft = answer(prompt)
+        text, ttft = answer(prompt, messages)
         messages.append({"role": "assistant", "content": text.strip()})
         time.sleep(think if turn < turns else 0.0)
     return ttft, prompt
@@ -99,11 +101,13 @@ def ours_child(model: Path, threads: int, turns: int, flash_attn: str, think: fl
         llm("Warm up.", config=config.replace(max_tokens=2))
         held: List[int] = []
 
-        def answer(prompt: str):
+        def answer(prompt: str, messages: List[Dict[str, str]]):
+            if llm.format_chat(messages) != prompt:
+                raise SystemExit("the model's template no longer renders the bench's ChatML text")
             seq = llm._seq  # what it holds, or will once the last answer's re-read is done
             held[:] = (seq._reread_target or seq.tokens) if seq is not None else []
             started = time.perf_counter()
-            stream = llm.stream(prompt)
+            stream = llm.chat(messages, stream=True)
             first = next(stream)
             ttft = time.perf_counter() - started
             return first + "".join(stream), ttft
@@ -111,7 +115,7 @@ def ours_child(model: Path, threads: int, turns: int, flash_attn: str, think: fl
         ttft, last_prompt = conversation(turns, answer, think)
         # The last turn's prompt, the tokens the cache held before it, and the time to decode
         # only what was new, on top of the history: a perfect reuse's cost.
-        prompt = llm.tokenize(last_prompt, add_special=True, parse_special=True)
+        prompt = llm._chat_tokens(last_prompt, config)  # as chat() tokenizes it
         common = 0
         while common < min(len(prompt) - 1, len(held)) and prompt[common] == held[common]:
             common += 1
@@ -138,7 +142,7 @@ def lcpp_child(model: Path, threads: int, turns: int, think: float) -> Dict[str,
                 n_threads_batch=threads, verbose=False)
     llm.create_completion("Warm up.", max_tokens=2, temperature=0.0)
 
-    def answer(prompt: str):
+    def answer(prompt: str, messages: List[Dict[str, str]]):
         started = time.perf_counter()
         ttft, parts = 0.0, []
         for chunk in llm.create_completion(prompt, max_tokens=N_ANSWER, temperature=0.0, stream=True):

@@ -14,7 +14,8 @@ from a signal handler and from a thread that a ``KeyboardInterrupt`` left anywhe
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections import deque
+from typing import Callable, Deque, Optional
 
 
 class Job:
@@ -63,19 +64,25 @@ class HelperThread:
     """
 
     def __init__(self) -> None:
-        import queue  # here: it costs the package's import ~2 ms
-
-        self._jobs: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name="cyllama-decode", daemon=True)
+        # A deque and a lock rather than a queue: a KeyboardInterrupt that lands inside a
+        # queue's put() can leave its internal lock held (PyPy's SimpleQueue is Python code),
+        # and the next put() then waits forever. deque.append and Lock.release are single steps.
+        self._jobs: "Deque[Optional[Job]]" = deque()
+        self._ready = threading.Lock()  # released (by wake) when jobs may be waiting
+        self._ready.acquire()
+        self._thread = threading.Thread(target=_serve, args=(self._jobs, self._ready), name="cyllama-decode",
+                                        daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
-        self._jobs.put(job)
+        self._jobs.append(job)
+        wake(self._ready)
         return job
 
     def stop(self) -> None:
         """End the thread after the job it runs, if any (idempotent, never blocks)."""
-        self._jobs.put(None)
+        self._jobs.append(None)
+        wake(self._ready)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -87,9 +94,11 @@ class HelperThread:
             self._thread.join()
 
 
-def _serve(jobs) -> None:
+def _serve(jobs: "Deque[Optional[Job]]", ready: threading.Lock) -> None:
     while True:
-        job = jobs.get()
+        while not jobs:
+            ready.acquire()  # until a wake; one that came early returns at once, and the loop looks again
+        job = jobs.popleft()
         if job is None:
             return
         job.run()

@@ -49,12 +49,13 @@ class Progress:
 def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], LlamaSampler],
              stop_sequences: Sequence[str],
              max_tokens: int, n_ctx: int, cancel: Cancellation,
-             progress: Progress) -> Generator[str, None, FinishReason]:
+             progress: Progress, then: Sequence[int] = ()) -> Generator[str, None, FinishReason]:
     """Decode ``prompt`` into ``seq`` (which must hold a prefix of it), then generate.
 
-    ``n_ctx``: how many positions the sequence may use in all. The sampler chain is made when
-    the generation starts and closed when it ends, however it ends: a stream closed before its
-    first step never makes one.
+    ``n_ctx``: how many positions the sequence may use in all. ``then``: the tokens a follow-up
+    is expected to hold after the answer (``KVSequence.reread_generated``). The sampler chain is
+    made when the generation starts and closed when it ends, however it ends: a stream closed
+    before its first step never makes one.
     """
     assembler = TextAssembler(stop_sequences)
     sampler = make_sampler()
@@ -65,7 +66,10 @@ def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], 
         record = _logprob_recorder(seq.ctx, progress) if progress.n_logprobs else progress.generated.append
         reason = yield from _tokens(seq, sampler, assembler, max_tokens, n_ctx, cancel, progress.generated, record)
         if reason is not FinishReason.CANCELLED:
-            seq.reread_generated()  # without flash attention only: so a follow-up reuses the answer
+            # Without flash attention only: so a follow-up reuses the answer. An answer cut at
+            # max_tokens ends on a token that was picked, not decoded: its text holds it.
+            rest = progress.generated[-1:] if reason is FinishReason.LENGTH else []
+            seq.reread_generated([*rest, *then][:max(0, n_ctx - len(seq.tokens))])
     finally:
         sampler.close()  # the generation owns its sampler chain
     tail = assembler.finish()  # held back: a partial character, a prefix of a stop sequence

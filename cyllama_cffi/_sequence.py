@@ -39,8 +39,10 @@ class KVSequence:
         # whose sums differ in the last bits from a prompt chunk's (see docs/state.md).
         self.kinds = bytearray()
         self._helper: Optional[HelperThread] = None  # decodes the prompt's chunks; see settle()
-        # The record a re-read (reread_generated) on the helper is making, while it runs.
+        # The record a re-read (reread_generated) on the helper is making, while it runs, and
+        # the length of the record it started from.
         self._reread_target: Optional[List[int]] = None
+        self._reread_from = 0
 
     @property
     def step(self) -> int:
@@ -105,7 +107,7 @@ class KVSequence:
         del self.kinds[keep:]
         return keep
 
-    def reread_generated(self) -> None:
+    def reread_generated(self, then: Sequence[int] = ()) -> None:
         """Without flash attention, decode the generated tokens again as prompt chunks, on a helper.
 
         A generated token's K/V come from a one-token decode, whose sums differ in the last bits
@@ -113,14 +115,20 @@ class KVSequence:
         prompt. Re-read while the LLM is idle (a user reading the answer), the answer's cells
         become what a fresh decode of the follow-up computes (without flash attention every
         chunk of two tokens or more is of one kind), and the follow-up decodes only its own new
-        tokens. The next generation waits for the re-read if its prompt holds it, and stops it
+        tokens. The next generation waits for the re-read if its prompt holds some of it, and stops it
         otherwise (:meth:`settle`); the record stays exact throughout.
+
+        ``then``: tokens a follow-up is expected to hold right after the answer (a chat
+        template's end of turn and the next user turn's opening), read with it. A follow-up
+        that holds other tokens there keeps the cache up to where they differ, bit-exact as
+        any prefix: a wrong guess costs only the idle time spent on it.
         """
         start = len(self.kinds)
-        if self.tiled is not None or self._helper is not None or start == 0 or len(self.tokens) - start < 2:
+        answer = self.tokens[start:] + list(then)
+        if self.tiled is not None or self._helper is not None or start == 0 or len(answer) < 2:
             return
-        answer = self.tokens[start:]
-        self._reread_target = self.tokens[:]
+        self._reread_target = self.tokens[:start] + answer
+        self._reread_from = start
         self.ctx.memory_seq_rm(self.seq_id, start, -1)
         del self.tokens[start:]
 
@@ -167,11 +175,11 @@ class KVSequence:
         a busy lock that an interrupted call left held is released (nothing else can use the
         context now); then what is not on record is cut off. A re-read of generated tokens
         (:meth:`reread_generated`) is waited for instead when ``prompt`` starts with what it
-        makes, or with ``finish_reread``.
+        makes (some of it: what the prompt would decode anyway), or with ``finish_reread``.
         """
         target = self._reread_target
         wanted = finish_reread or (target is not None and prompt is not None
-                                   and list(prompt[:len(target)]) == target)
+                                   and shared_length(prompt, target) > self._reread_from)
         stopping = self._helper is not None and self._helper.is_alive() and not (target is not None and wanted)
         if stopping:
             self.ctx.cancel = True  # its result is not wanted
@@ -197,6 +205,17 @@ class KVSequence:
 # flash attention (the attention as matrix products) only the lone token stands apart.
 TILED = 64
 SINGLE, SHORT, LONG = 2, 1, 0
+
+
+def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` have in common from the start."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
 
 
 def chunk_kind(size: int, tiled: Optional[int] = TILED) -> int:

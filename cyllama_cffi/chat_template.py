@@ -73,6 +73,26 @@ def apply_chat_template(model: LlamaModel, messages: Sequence[Message], template
         return text
 
 
+def text_after_answer(model: LlamaModel, template: Optional[str] = None) -> str:
+    """What the chat format puts between an assistant's answer and the next user message's text
+    (ChatML: ``"<|im_end|>\n<|im_start|>user\n"``); "" when it cannot tell.
+
+    Read off a rendering of a probe conversation: a template that renders an answer differently
+    (trims, reformats, refuses the probe) gives "" rather than a guess.
+    """
+    answer, question = "zqxAnswer7", "zqxQuestion9"
+    probe = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": answer},
+             {"role": "user", "content": question}]
+    try:
+        text = apply_chat_template(model, probe, template, add_generation_prompt=False)
+    except Exception:  # a template that cannot render the probe: nothing to read off
+        return ""
+    start, end = text.find(answer), text.find(question)
+    if start < 0 or end < 0 or text.count(answer) != 1 or end < start + len(answer):
+        return ""
+    return text[start + len(answer):end]
+
+
 def get_chat_template(model: LlamaModel, template_name: Optional[str] = None) -> str:
     """The template text stored in ``model`` (``tokenizer.chat_template[.<name>]``), "" when none."""
     return model.chat_template(template_name or None) or ""

@@ -22,7 +22,7 @@ from ._lora import LoraSpec, parse_lora
 from ._response_cache import ResponseCacheInfo, cache_key, copy_response, make_cache
 from . import _sequence
 from ._sequence import KVSequence
-from .chat_template import apply_chat_template, get_chat_template
+from .chat_template import apply_chat_template, get_chat_template, text_after_answer
 from .config import GenerationConfig
 from . import _state_format
 from .errors import ClosedError, LLMBusyError, StateError
@@ -101,6 +101,7 @@ class LLM:
         self.model_path = os.fsdecode(model_path)  # as given; Response.model carries it
         self.vocab = self.model.vocab
         self._seq: Optional[KVSequence] = None  # sequence 0 of the current context
+        self._after_answer: Dict[Optional[str], List[int]] = {}  # per chat template: see chat()
         self._ctx_key: Any = None
         self._cancellation = Cancellation()
         self._lock = threading.Lock()  # guards the three fields below
@@ -156,6 +157,11 @@ class LLM:
         ``prompt`` is text, or a sequence of token ids (e.g. from ``tokenize()``) decoded as given.
         With the response cache on, a reproducible call seen before is answered from it.
         """
+        return self._respond(prompt, config, stream, on_token)
+
+    def _respond(self, prompt: Prompt, config: Optional[GenerationConfig], stream: bool,
+                 on_token: Optional[TokenCallback], then: Sequence[int] = ()) -> Union[Response, Stream]:
+        """``__call__``; ``then``: the tokens a follow-up is expected to hold after the answer."""
         key = None
         cache = self._response_cache
         if cache is not None and not stream and on_token is None and not self._released:
@@ -166,7 +172,7 @@ class LLM:
             cached = cache.get(key) if key is not None else None
             if cached is not None:
                 return copy_response(cached)
-        generation = self.stream(prompt, config, on_token)
+        generation = self._open_stream(prompt, config, on_token, then)
         if stream:
             return generation
         with generation:  # an exception (Ctrl-C) while joining ends it at once
@@ -204,6 +210,12 @@ class LLM:
     def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None,
                on_token: Optional[TokenCallback] = None) -> Stream:
         """A :class:`Stream` of text chunks from ``prompt``; use it in a ``with`` to close it early."""
+        return self._open_stream(prompt, config, on_token)
+
+    def _open_stream(self, prompt: Prompt, config: Optional[GenerationConfig], on_token: Optional[TokenCallback],
+                     then: Sequence[int] = ()) -> Stream:
+        """``stream``; ``then``: the tokens a follow-up is expected to hold after the answer
+        (``KVSequence.reread_generated`` reads them with it)."""
         config = config or self.config
         if self._released:
             raise ClosedError("this LLM is closed: its model was freed when its with block ended")
@@ -225,7 +237,7 @@ class LLM:
             n_ctx = min(seq.ctx.n_ctx, config.n_ctx or seq.ctx.n_ctx)  # llama.cpp may round n_ctx up
             make_sampler = functools.partial(build_sampler, config, self.vocab, n_ctx)
             steps = _generation.generate(seq, tokens, make_sampler, config.stop_sequences, config.max_tokens, n_ctx,
-                                         self._cancellation, progress)
+                                         self._cancellation, progress, then)
             stream = Stream(steps, progress, self._cancellation, len(tokens), on_token, self._finished)
             with self._lock:
                 self._owner = weakref.ref(stream)
@@ -255,9 +267,26 @@ class LLM:
         cancelled the same way. The template's special tokens become tokens whatever
         ``parse_special`` says, and no second BOS is added after one the template wrote; the
         answer ends at the model's end-of-turn token (``finish_reason`` "stop").
+
+        Without flash attention, the answer is read again once it ends together with the
+        template's tokens that follow an answer (its end of turn and the next user turn's
+        opening), so the next turn decodes from its user message on (see ``docs/state.md``).
         """
         prompt = self.format_chat(messages, template=template)
-        return self(self._chat_tokens(prompt, config or self.config), config=config, stream=stream)
+        tokens = self._chat_tokens(prompt, config or self.config)
+        return self._respond(tokens, config, stream, None, self._tokens_after_answer(template))
+
+    def _tokens_after_answer(self, template: Optional[str]) -> List[int]:
+        """What the next turn of a chat holds right after an answer, as tokens; [] with flash
+        attention, where an answer is not read again. Worked out once per template."""
+        if self.config.flash_attn is not False:
+            return []
+        tokens = self._after_answer.get(template)
+        if tokens is None:
+            text = text_after_answer(self.model, template)
+            tokens = self.vocab.tokenize(text, add_special=False, parse_special=True) if text else []
+            self._after_answer[template] = tokens
+        return tokens
 
     def format_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                     template: Optional[str] = None) -> str:

@@ -321,3 +321,17 @@ def test_simple_prints_a_greedy_generation(model_path, capsys):
         expected = llm("The capital of France is").text
     assert out.startswith("The capital of France is" + expected + "\n")
     assert "decoded 4 tokens in" in out and "t/s" in out
+
+
+@pytest.mark.parametrize("template, expected", [
+    (None, "<|im_end|>\n<|im_start|>user\n"),  # the default model's own (ChatML)
+    ("llama3", "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"),
+    ("gemma", "<end_of_turn>\n<start_of_turn>user\n"),
+    ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}", "[user]"),
+    ("{% for m in messages %}{{ m.role }};{% endfor %}", ""),  # no content rendered: no guess
+    ("{{ raise_exception('no probes here') }}", ""),
+])
+def test_text_after_answer_reads_the_templates_turn_change(model, template, expected):
+    from cyllama_cffi.chat_template import text_after_answer
+
+    assert text_after_answer(model, template) == expected

@@ -218,11 +218,56 @@ def test_without_flash_attention_chat_turns_decode_just_their_new_tokens(llm_no_
         messages = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": turn}]
 
 
-@pytest.mark.parametrize("follows", [True, False])
-def test_a_reread_is_waited_for_by_a_prompt_that_holds_it_and_stopped_otherwise(llm_no_flash, follows):
+def chat_tokens(llm, text):
+    return llm.tokenize(text, add_special=False, parse_special=True)
+
+
+def test_without_flash_attention_the_template_tokens_after_an_answer_are_read_with_it(
+        llm_no_flash, model_path, decoded):
+    """The chat template's end of turn and the next user turn's opening follow every answer: read
+    with it, they leave the next turn only its user message and the assistant's opener to decode."""
+    llm = llm_no_flash
+    messages = [SYSTEM, {"role": "user", "content": "When does the bakery open?"}]
+    answer = llm.chat(messages).text
+    llm._seq.settle(finish_reread=True)
+    held = list(llm._seq.tokens)
+    assert held[-5:] == chat_tokens(llm, "<|im_end|>\n<|im_start|>user\n")
+    messages = messages + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the mill?"}]
+    expected = fresh_no_flash(model_path, messages, chat=True)
+    decoded.clear()
+    assert llm.chat(messages).text == expected
+    prompt = chat_tokens(llm, llm.format_chat(messages))
+    assert prompt[:len(held)] == held
+    assert decoded[0] == len(prompt) - len(held) == len(chat_tokens(
+        llm, "And the mill?<|im_end|>\n<|im_start|>assistant\n"))
+
+
+def test_without_flash_attention_a_follow_up_that_continues_otherwise_keeps_the_part_that_matches(
+        llm_no_flash, model_path, decoded):
+    """A system message after the answer, not a user one: the cache is kept up to the turn's
+    opening marker, and the output is still a fresh LLM's."""
+    llm = llm_no_flash
+    messages = [SYSTEM, {"role": "user", "content": "When does the bakery open?"}]
+    answer = llm.chat(messages).text
+    llm._seq.settle(finish_reread=True)
+    held = list(llm._seq.tokens)
+    messages = messages + [{"role": "assistant", "content": answer},
+                           {"role": "system", "content": "Answer in French."}]
+    expected = fresh_no_flash(model_path, messages, chat=True)
+    decoded.clear()
+    assert llm.chat(messages).text == expected
+    prompt = chat_tokens(llm, llm.format_chat(messages))
+    kept = common_prefix(held, prompt)
+    assert held[kept:] == chat_tokens(llm, "user\n") and kept == len(held) - 2
+    assert decoded[0] == len(prompt) - kept
+
+
+@pytest.mark.parametrize("holds", ["all", "some", "none"])
+def test_a_reread_is_waited_for_by_a_prompt_that_holds_it_and_stopped_otherwise(llm_no_flash, holds):
     """A re-read that goes on until the C flag stops it or the test lets it end: settle() with
-    a prompt that holds its tokens lets it end; with another prompt it raises the flag, and
-    lowers it again once the re-read has stopped (the caller's own decodes must run)."""
+    a prompt that holds its tokens, or the first of them, lets it end; with another prompt it
+    raises the flag, and lowers it again once the re-read has stopped (the caller's own decodes
+    must run)."""
     import threading
 
     from cyllama_cffi._background import Job
@@ -239,11 +284,13 @@ def test_a_reread_is_waited_for_by_a_prompt_that_holds_it_and_stopped_otherwise(
             pass
         stopped_by_flag.append(bool(seq.ctx.cancel))
 
-    seq._reread_target = list(seq.tokens) + [11, 12]
+    seq._reread_target, seq._reread_from = list(seq.tokens) + [11, 12], len(seq.tokens)
     helper = seq.start_helper()
     helper.submit(Job(reread))
     helper.stop()
-    prompt = seq._reread_target + [13, 14] if follows else [15, 16, 17]
+    follows = holds != "none"
+    prompt = {"all": seq._reread_target + [13, 14], "some": seq._reread_target[:-1] + [13, 14],
+              "none": [15, 16, 17]}[holds]
     # follows: the re-read is let go after a moment; otherwise only a missing flag would leave
     # it running, until this timer ends the test's wait with a failure rather than a hang.
     let_go_timer = threading.Timer(0.2 if follows else 60.0, let_go.set)
@@ -276,9 +323,12 @@ def test_without_flash_attention_a_retry_decodes_two_tokens(llm_no_flash, model_
     prompt = SYSTEM["content"] + " The chapel"
     first = llm_no_flash(prompt).text
     assert first == fresh_no_flash(model_path, prompt)
+    llm_no_flash._seq.settle(finish_reread=True)  # the answer's re-read, started as it ended
     decoded.clear()
     assert llm_no_flash(prompt).text == first
-    assert decoded == [2]  # a lone last token would take the one-token path
+    llm_no_flash._seq.settle(finish_reread=True)
+    n_answer = len(llm_no_flash._seq.tokens) - len(llm_no_flash.tokenize(prompt))
+    assert decoded == [2, n_answer]  # a lone last token would take the one-token path; the re-read
 
 
 def test_without_flash_attention_cancel_mid_generation_then_next_turn_matches_fresh(llm_no_flash, model_path):
