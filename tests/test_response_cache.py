@@ -94,10 +94,10 @@ def test_streams_and_token_callbacks_are_neither_cached_nor_served(llm):
 
 def interrupt_during_generation(llm, action):
     """Make the next generation run ``action`` after its first token, as a cancel() from elsewhere would land."""
-    def stream(prompt, config=None, on_token=None):
-        del llm.stream  # this once only
-        return LLM.stream(llm, prompt, config, lambda piece: action())
-    llm.stream = stream
+    def open_stream(prompt, config=None, on_token=None, then=()):
+        del llm._open_stream  # this once only
+        return LLM._open_stream(llm, prompt, config, lambda piece: action(), then)
+    llm._open_stream = open_stream
 
 
 def test_a_cancelled_generation_is_not_cached(llm):
