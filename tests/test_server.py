@@ -556,3 +556,36 @@ def test_the_cli_serve_subcommand_runs_the_same_server(model_path):
         assert running.proc.returncode is not None
     finally:
         running.stop()
+
+
+def test_events_of_one_step_wake_the_event_loop_once():
+    """A step posts an event for every running request; the loop is woken for the first only
+    (each wake-up is a self-pipe write and a loop pass, CPU the decoding threads need)."""
+    import asyncio
+
+    from cyllama_cffi.server._app import _Mailbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            wakeups.append(callback)
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        mailbox = _Mailbox(loop)
+        queues = [asyncio.Queue() for _ in range(8)]
+        poster = threading.Thread(target=lambda: [mailbox.post(q, ("text", str(i))) for i, q in enumerate(queues)])
+        poster.start()
+        poster.join()  # the loop is busy here: all eight events wait in the box
+        got = [await asyncio.wait_for(q.get(), 5) for q in queues]
+        mailbox.post(queues[0], ("done", None))  # an empty box wakes the loop again
+        last = await asyncio.wait_for(queues[0].get(), 5)
+        return wakeups, got, last
+
+    wakeups, got, last = asyncio.run(scenario())
+    assert got == [("text", str(i)) for i in range(8)]
+    assert last == ("done", None)
+    assert len(wakeups) == 2

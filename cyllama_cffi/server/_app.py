@@ -103,6 +103,14 @@ class _State:
         self.created = int(time.time())
         self._embedder: Any = None
         self._embed_lock = threading.Lock()
+        self._mailbox: Optional[_Mailbox] = None
+
+    def mailbox(self) -> "_Mailbox":
+        """The mailbox of the running event loop (made on first use: the app may change loops)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        return self._mailbox
 
     # -- worker-thread helpers (tokenizing, templates, embeddings) ----------------------------
     def prepare(self, request: Completion) -> Tuple[List[int], GenerationConfig]:
@@ -236,18 +244,46 @@ async def _json_body(state: _State, request: Request) -> Any:
 
 # -- streams --------------------------------------------------------------------------------------
 
+class _Mailbox:
+    """Hands events from the scheduler thread to one event loop, one wake-up for many events.
+
+    A step gives every running job an event; waking the loop for each (a write to its self-pipe,
+    a pass of the loop) costs CPU that the decoding threads need on a small machine. The first
+    event posted while the box is empty schedules a drain; the events posted before the loop
+    runs it ride along.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: List[Tuple["asyncio.Queue[Tuple[str, Any]]", Tuple[str, Any]]] = []
+
+    def post(self, queue: "asyncio.Queue[Tuple[str, Any]]", event: Tuple[str, Any]) -> None:  # any thread
+        with self._lock:
+            self._items.append((queue, event))
+            if len(self._items) > 1:  # a drain is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _drain(self) -> None:  # the event loop
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class _Events:
     """The events of one job, handed from the scheduler thread to the event loop."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, mailbox: _Mailbox) -> None:
+        self.mailbox = mailbox
         self.queue: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
 
     def sink(self, kind: str, value: Any) -> None:  # the scheduler thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            pass
+        self.mailbox.post(self.queue, (kind, value))
 
 
 async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
@@ -376,7 +412,7 @@ async def _generate(state: _State, request: Request, order: Completion, chat: bo
             prompt = order.prompt if isinstance(order.prompt, str) else \
                 await run_in_threadpool(state.vocab.detokenize, tokens)
             shape_logprobs = CompletionLogprobs(len(prompt)).piece
-    events = _Events()
+    events = _Events(state.mailbox())
     job = Job(tokens, config, events.sink, logprobs=order.logprobs)
     try:
         state.scheduler.submit(job)
