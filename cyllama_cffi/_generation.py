@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Generator, List, Optional, Sequence
 
 from ._background import Job
-from ._ffi import ffi
+from ._ffi import ffi, lib
 from ._cancel import Cancellation
 from ._sequence import KVSequence, prefill_plan
 from ._text import TextAssembler
@@ -72,6 +72,11 @@ def generate(seq: KVSequence, prompt: Sequence[int], make_sampler: Callable[[], 
             seq.reread_generated([*rest, *then][:max(0, n_ctx - len(seq.tokens))])
     finally:
         sampler.close()  # the generation owns its sampler chain
+        # The token decodes made this thread a pool of OpenMP workers. Left idle, it would count
+        # against the cores while another thread decodes (the next caller of a shared LLM),
+        # and libgomp would make that thread's barriers sleep instead of spin. The next
+        # generation's prompt starts on a helper thread anyway, so keeping it buys nothing.
+        lib.cyl_release_openmp_threads()
     tail = assembler.finish()  # held back: a partial character, a prefix of a stop sequence
     if tail:
         yield tail

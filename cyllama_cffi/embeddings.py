@@ -115,8 +115,14 @@ class Embedder:
             groups = pack_even(lengths, ctx.n_batch, self.n_seq_max)
         else:  # every row sees the whole text: nothing may follow it
             groups = [(group, 0) for group in pack(lengths, ctx.n_batch, self.n_seq_max)]
-        for group, padded in groups:
-            self._embed_group(ctx, batch, group, tokens, rows, padded)
+        try:
+            for group, padded in groups:
+                self._embed_group(ctx, batch, group, tokens, rows, padded)
+        finally:
+            # This thread's pool of OpenMP workers would stay behind, idle: beside another
+            # thread's decodes (an LLM generating elsewhere) libgomp would then make their
+            # barriers sleep instead of spin. Freed here; the next call makes a new one.
+            lib.cyl_release_openmp_threads()
         if pooling == "none":
             return [_normalized(matrix) if normalize else matrix for matrix in rows]
         result = np.stack([_pool(matrix, pooling) for matrix in rows])

@@ -80,3 +80,44 @@ def test_handing_a_prompt_to_a_helper_frees_the_callers_workers(decoding):
     # and the next decode on this thread makes a new pool and decodes as before
     seq.decode_chunk([9, 10], logits_last=True)
     assert seq.tokens == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+@pytest.fixture
+def worker():
+    """A thread that stays alive between calls, as a thread pool's do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    require("libgomp" in Path("/proc/self/maps").read_text(),
+            "this build of ggml-cpu has no OpenMP runtime (GGML_OPENMP off)")
+    with ThreadPoolExecutor(1) as executor:
+        executor.submit(lambda: None).result()  # the thread exists before the count
+        yield executor
+
+
+@pytest.mark.parametrize("flash_attn", [None, False], ids=["flash-attn-auto", "flash-attn-off"])
+def test_a_generation_frees_the_pool_of_the_thread_that_ran_it(model_path, worker, flash_attn):
+    """Callers of a shared LLM taking turns from a thread pool: the thread that generated last
+    must not keep idle workers beside the next caller's (a re-read of the answer, with flash
+    attention off, runs on a helper of its own, which is not counted here: it ends by itself)."""
+    from cyllama_cffi import LLM, GenerationConfig
+
+    config = GenerationConfig(n_threads=N_THREADS, max_tokens=6, temperature=0.0, flash_attn=flash_attn)
+    with LLM(model_path, config=config) as llm:
+        before = native_threads()
+        text = worker.submit(lambda: "".join(llm.stream("The capital of France is"))).result()
+        assert text
+        if llm._seq is not None:
+            llm._seq.settle(finish_reread=True)  # the helper's own pool goes with its thread
+        assert wait_until_gone(native_threads() - before) == set()
+
+
+def test_an_embedding_frees_the_pool_of_the_thread_that_ran_it(model_path, worker):
+    import numpy  # noqa: F401  (its BLAS starts threads of its own when first imported)
+
+    from cyllama_cffi import Embedder
+
+    with Embedder(model_path, n_threads=N_THREADS) as embedder:
+        before = native_threads()
+        vectors = worker.submit(embedder.embed, ["a first text", "and a second one"]).result()
+        assert vectors.shape[0] == 2
+        assert wait_until_gone(native_threads() - before) == set()

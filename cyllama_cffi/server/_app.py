@@ -29,7 +29,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS
 from .._engine import Engine
-from .._ffi import lib
 from ..chat_template import apply_chat_template
 from ..config import GenerationConfig
 from ..errors import ChatTemplateError
@@ -162,10 +161,9 @@ class _State:
     def embed(self, texts: List[str]) -> Tuple[Any, int]:
         """Vectors for ``texts`` in an embedding context of its own, one request at a time.
 
-        Runs on a worker thread, which keeps the OpenMP pool its decode made: the pool is freed
-        before the thread goes back to waiting. Left there, its idle workers would count against
-        the cores, and libgomp would make the scheduler's decodes sleep at every barrier instead
-        of spinning (about a quarter slower on 2 cores) for as long as the worker lives.
+        Runs on a worker thread, which outlives the request: ``Embedder.embed`` frees the pool
+        of OpenMP workers its decodes made there, or their idle workers would make the
+        scheduler's decodes sleep at every barrier instead of spinning.
         """
         from ..embeddings import Embedder
 
@@ -176,8 +174,6 @@ class _State:
                 vectors = self._embedder.embed(texts)
             except ValueError as error:
                 raise APIError(400, str(error), "input") from None
-            finally:
-                lib.cyl_release_openmp_threads()
             n_tokens = sum(len(self.vocab.tokenize(text, add_special=True)) for text in texts)
             return vectors, n_tokens
 
