@@ -594,15 +594,13 @@ def test_events_of_one_step_wake_the_event_loop_once():
 def test_an_embedding_request_leaves_no_openmp_pool_on_its_worker_thread(model_path):
     """The handler's worker thread outlives the request; the pool its decode made must not
     (idle workers beside the scheduler's own pool make libgomp sleep at ggml's barriers)."""
-    from pathlib import Path as _Path
-
     from test_openmp_pool import native_threads, wait_until_gone
 
     from cyllama_cffi.server import create_app
 
     import numpy  # noqa: F401  (its BLAS starts threads of its own when first imported)
 
-    if "libgomp" not in _Path("/proc/self/maps").read_text():
+    if "libgomp" not in Path("/proc/self/maps").read_text():
         pytest.skip("this build of ggml-cpu has no OpenMP runtime (GGML_OPENMP off)")
     state = create_app(model_path, parallel=1, ctx_size=512, n_threads=3).state.server
     state.scheduler.start()  # as the app's lifespan does; close() stops it

@@ -252,10 +252,9 @@ async def _json_body(state: _State, request: Request) -> Any:
 class _Mailbox:
     """Hands events from the scheduler thread to one event loop, one wake-up for many events.
 
-    A step gives every running job an event; waking the loop for each (a write to its self-pipe,
-    a pass of the loop) costs CPU that the decoding threads need on a small machine. The first
-    event posted while the box is empty schedules a drain; the events posted before the loop
-    runs it ride along.
+    A step gives every running job an event; rather than waking the loop for each (a write to
+    its self-pipe, a pass of the loop), the first event posted while the box is empty schedules
+    a drain, and the events posted before the loop runs it ride along.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
