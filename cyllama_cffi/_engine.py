@@ -135,8 +135,14 @@ class EngineSequence:
 class Engine:
     """A context of ``n_seq_max`` sequences decoded together, one ``llama_decode`` a step.
 
-    ``kv_unified=False`` (llama.cpp's default) gives each sequence ``n_ctx // n_seq_max``
-    cells of its own, the fastest attention; ``True`` lets any sequence use any free cell.
+    Each sequence holds at most ``n_ctx // n_seq_max`` cells (``seq_capacity``).
+    ``kv_unified=False`` (llama.cpp's default) gives each its own cache of that size;
+    ``True`` puts every sequence's cells in one cache (llama.cpp's ``kv_unified``), whose
+    attention without flash attention generates faster on a CPU, but a sequence's sums then
+    depend on where its cells lie among its neighbours' (logits differ by up to ~0.9 on the
+    default model), so its greedy output is no longer what it gives alone. The share stays the
+    same either way, so a step can never find a unified cache full: kept prefixes and running
+    sequences together hold at most ``n_ctx`` cells.
     ``prompt_budget``: most prompt tokens one step reads (default: the whole batch). A prompt is
     read in the chunks ``prefill_plan`` gives it (even chunks of at most ``prompt_budget``, as
     ``LLM`` reads a prompt of micro-batches that size), whatever else the step holds, so how a
@@ -162,7 +168,7 @@ class Engine:
         self.ctx = LlamaContext(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
                                 n_seq_max=n_seq_max, kv_unified=kv_unified, flash_attn=flash_attn)
         self.n_seq_max = n_seq_max
-        self.seq_capacity = self.ctx.n_ctx if kv_unified else self.ctx.n_ctx // n_seq_max
+        self.seq_capacity = self.ctx.n_ctx // n_seq_max
         self.n_batch = self.ctx.n_batch
         self.prompt_budget = self.n_batch if prompt_budget is None else max(1, min(prompt_budget, self.n_batch))
         # Without flash attention a token's sums do not depend on the size of its chunk (two

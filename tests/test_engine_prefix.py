@@ -2,7 +2,8 @@
 
 What is proven: a finished sequence's cells stay in its sequence id; a prompt that extends them
 gets that id and decodes only its new tokens, with the same greedy text as a fresh engine; a cancelled sequence leaves nothing behind; without ``keep_prefixes`` nothing is kept;
-a prompt's chunks are those of its plan (``prefill_plan``) whatever else the step holds.
+a prompt's chunks are those of its plan (``prefill_plan``) whatever else the step holds. A unified cache still gives
+each sequence only its share of the cells.
 """
 
 from __future__ import annotations
@@ -140,3 +141,28 @@ def test_step_time_lets_steps_beside_generating_sequences_read_more_chunks_while
         assert [n - 1 for n in rows[1:4]] == expected, rows  # each step: the counting token + prompt rows
         texts.append(beside.text)
     assert texts[0] == texts[1]
+
+
+def test_a_unified_cache_gives_each_sequence_its_share_so_steps_never_find_it_full(model):
+    """With one cache for all sequences, a sequence that could grow into every free cell would
+    leave the next one none (or a kept prefix would): each holds at most its share, as with
+    split caches, so kept and running sequences together always fit."""
+    vocab = model.vocab
+    engine = Engine(model, n_ctx=256, n_seq_max=2, n_batch=64, n_ubatch=64, kv_unified=True, keep_prefixes=True)
+    try:
+        assert engine.seq_capacity == engine.ctx.n_ctx // 2
+        never_end = GREEDY.replace(max_tokens=10_000, logit_bias={token: float("-inf") for token in range(len(vocab))
+                                                                  if vocab.is_eog(token)})
+
+        def endless(text):
+            tokens = vocab.tokenize(text, add_special=True)
+            return EngineSequence(tokens, build_sampler(never_end, vocab, engine.seq_capacity), 10_000)
+
+        first = engine.add(endless("Once upon a time"))
+        engine.run()  # kept: its cells stay behind
+        second, third = engine.add(endless("The capital of France is")), engine.add(endless("Water boils at"))
+        engine.run()
+        for seq in (first, second, third):
+            assert seq.finish_reason == "length" and len(seq.cached) == engine.seq_capacity
+    finally:
+        engine.close()
