@@ -121,3 +121,15 @@ def test_an_embedding_frees_the_pool_of_the_thread_that_ran_it(model_path, worke
         vectors = worker.submit(embedder.embed, ["a first text", "and a second one"]).result()
         assert vectors.shape[0] == 2
         assert wait_until_gone(native_threads() - before) == set()
+
+
+def test_a_batch_frees_the_pool_of_the_thread_that_ran_it(model_path, worker):
+    from cyllama_cffi import BatchGenerator, GenerationConfig
+
+    with BatchGenerator(model_path, n_ctx=512, n_seq_max=2, n_threads=N_THREADS) as generator:
+        before = native_threads()
+        config = GenerationConfig(max_tokens=4, temperature=0.0)
+        responses = worker.submit(generator.generate_batch, ["The capital of France is", "Water boils at"],
+                                  config).result()
+        assert all(response.text for response in responses)
+        assert wait_until_gone(native_threads() - before) == set()
