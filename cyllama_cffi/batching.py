@@ -22,6 +22,7 @@ from .errors import ClosedError, LLMBusyError
 from .lowlevel.model import LlamaModel
 from .response import Response
 from .sampling import build_sampler
+from .sigint import SigintHandle, install_sigint_handler
 
 if TYPE_CHECKING:
     from ._logprobs import TokenLogprob
@@ -84,6 +85,7 @@ class BatchGenerator:
             raise
         self._lock = threading.Lock()
         self._closed = False
+        self._sigint_watchers = 0  # active handles of install_sigint_handler
 
     # -- generation -------------------------------------------------------------------------
     def generate_batch(self, prompts: List[str], config: Optional[GenerationConfig] = None) -> List[Response]:
@@ -133,6 +135,29 @@ class BatchGenerator:
         nothing running is forgotten when the next batch starts.
         """
         self._engine.cancel()
+
+    def install_sigint_handler(self) -> SigintHandle:
+        """Make Ctrl-C call :meth:`cancel`, interrupting even a running decode.
+
+        Without it Ctrl-C raises ``KeyboardInterrupt`` only once the running step's decode
+        returns, and a step may read a whole batch of prompt tokens (seconds, on a large model).
+        With it the decode stops within one graph node and the batch returns what it has, each
+        prompt with finish reason "cancelled". Main thread only. Returns a handle: ``restore()``
+        it (or use it as a context manager) to put the previous handler back.
+        """
+        self._check_open()
+        handle = install_sigint_handler(self.cancel, on_restore=self._sigint_unwatch)
+        self._sigint_watchers += 1
+        self._engine.ctx.watch_sigint(True)
+        return handle
+
+    def _sigint_unwatch(self) -> None:
+        self._sigint_watchers = max(0, self._sigint_watchers - 1)
+        if self._sigint_watchers == 0:
+            try:
+                self._engine.ctx.watch_sigint(False)
+            except ClosedError:  # closed meanwhile: nothing left to watch
+                pass
 
     def _generate(self, prompts: Sequence[str], configs: Sequence[GenerationConfig]) -> List[Response]:
         if len(prompts) > self.n_seq_max:

@@ -1,4 +1,5 @@
-"""Ctrl-C: a real SIGINT to a real child process interrupts a running prefill."""
+"""Ctrl-C: a real SIGINT to a real child process interrupts a running prefill (an LLM's, a
+BatchGenerator's)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,41 @@ def test_sigint_interrupts_a_running_prefill_within_100ms(model_path):
         assert latency < 0.1, f"Ctrl-C took {latency * 1000:.1f} ms to stop the prefill"
         again = read_line(child, "AGAIN").split()
         assert again[2] == "True"  # the LLM generates again, same text as before the Ctrl-C
+    finally:
+        child.kill()
+        child.wait()
+
+
+BATCH_CHILD = r"""
+import sys, time
+from cyllama_cffi import BatchGenerator, GenerationConfig
+config = GenerationConfig(temperature=0.0, max_tokens=8)
+short = ["The capital of France is", "Water boils at"]
+with BatchGenerator(sys.argv[1], batch_size=4096, n_ctx=8192, n_seq_max=2) as generator:
+    reference = [r.text for r in generator.generate_batch(short, config)]
+    with generator.install_sigint_handler():
+        print("PREFILL", flush=True)  # one step reads both prompts: a ~10 s decode
+        responses = generator.generate_batch(["The quick brown fox jumps over the lazy dog. " * 300, short[1]],
+                                             config)
+        print("BACK", time.monotonic(), *[r.finish_reason for r in responses], flush=True)
+        print("AGAIN", [r.text for r in generator.generate_batch(short, config)] == reference, flush=True)
+"""
+
+
+def test_sigint_interrupts_a_batch_generators_decode_within_100ms(model_path):
+    child = subprocess.Popen([sys.executable, "-c", BATCH_CHILD, str(model_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        read_line(child, "PREFILL")
+        time.sleep(0.5)  # the child is now inside the step's decode
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        back = read_line(child, "BACK").split()
+        latency = float(back[1]) - sent
+        assert back[2:] == ["cancelled", "cancelled"]
+        assert latency < 0.1, f"Ctrl-C took {latency * 1000:.1f} ms to stop the batch's decode"
+        assert read_line(child, "AGAIN").split()[1] == "True"  # and the generator works as before
+        assert child.wait(30) == 0
     finally:
         child.kill()
         child.wait()
