@@ -12,8 +12,10 @@ Each server gets the same slots and the same context per slot: ``--ctx-size`` an
 ``-c`` are the total, split among the slots (llama.cpp's split KV cache, which llama-server is
 told to use: it would choose it anyway for an explicit slot count); llama-cpp-python serves one
 request at a time, with one slot's context. Everything else is each server's default (for
-llama-server: batches of 2048 tokens, micro-batches of 512, its prompt cache in RAM). All run 2 threads (``--threads``) and
-flash attention as llama.cpp decides it on a CPU (on; llama-cpp-python is told so). ``--command
+llama-server: batches of 2048 tokens, micro-batches of 512, its prompt cache in RAM; for
+cyllama_cffi: flash attention off, 16 prompt tokens a step paced to 200 ms). All run 2 threads
+(``--threads``); llama-server and llama-cpp-python run flash attention as llama.cpp decides it
+on a CPU (on; llama-cpp-python is told so). ``--command
 NAME=TEMPLATE`` adds or replaces a server (see ``SERVERS`` for the placeholders).
 
 Throughput (``--scenario throughput``, the default): C clients at once (``--clients``, default

@@ -180,6 +180,7 @@ class Engine:
         # rows it may read follow the time the last step with prompt rows took.
         self.step_time = step_time if self._merge_chunks else None
         self._prompt_rows = self.prompt_budget  # what the next step with generating sequences may read
+        self._tokens_only_time = 0.0  # seconds the last step of generated tokens alone took
         self.batch = LlamaBatch(self.n_batch)
         self.cancellation = Cancellation()
         self.cancellation.attach(self.ctx)
@@ -289,8 +290,11 @@ class Engine:
             for sequence in list(self._running):
                 self._end(sequence, FinishReason.CANCELLED)
             return
-        if self.step_time is not None and generating and chunks:
-            self._pace(n_rows - len(generating), time.perf_counter() - started)
+        if self.step_time is not None and generating:
+            if chunks:
+                self._pace(n_rows - len(generating), time.perf_counter() - started)
+            else:
+                self._tokens_only_time = time.perf_counter() - started
         for sequence in generating:  # what the step put in the cache goes on record
             sequence.cached.append(sequence.pending)
             sequence.pending = -1
@@ -311,9 +315,14 @@ class Engine:
 
     def _pace(self, prompt_rows: int, seconds: float) -> None:
         """Scale the prompt rows of the next step by how far this one was from ``step_time``:
-        a prompt deeper in the context costs more a token, so the rows shrink as it is read."""
+        a prompt deeper in the context costs more a token, so the rows shrink as it is read.
+
+        Only the prompt rows' share of a step scales with their number: the generated tokens'
+        share (the last step without prompt rows) is taken off both sides, or steps longer than
+        ``step_time`` would shrink too little and settle above it."""
         assert self.step_time is not None
-        wanted = int(prompt_rows * self.step_time / max(seconds, 1e-6))
+        fixed = min(self._tokens_only_time, self.step_time / 2)
+        wanted = int(prompt_rows * (self.step_time - fixed) / max(seconds - fixed, 1e-6))
         self._prompt_rows = max(self.prompt_budget, min(wanted, 2 * prompt_rows, self.n_batch))
 
     def _token_logprob(self, row: int, token: int, n: int) -> "TokenLogprob":

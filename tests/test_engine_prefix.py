@@ -166,3 +166,15 @@ def test_a_unified_cache_gives_each_sequence_its_share_so_steps_never_find_it_fu
             assert seq.finish_reason == "length" and len(seq.cached) == engine.seq_capacity
     finally:
         engine.close()
+
+
+def test_pacing_scales_only_the_prompt_rows_share_of_a_step(make):
+    """A step of 100 prompt rows beside generated tokens took 350 ms against a 200 ms step
+    time, and a step of generated tokens alone takes 50 ms: the rows' own 300 ms must become
+    150, so 50 rows (scaling the whole step would give 57, and steps would settle above 200 ms)."""
+    engine = make(prompt_budget=8, flash_attn=False, step_time=0.2)
+    engine._tokens_only_time = 0.05
+    engine._pace(100, 0.35)
+    assert engine._prompt_rows == 50
+    engine._pace(20, 0.14)  # the rows' 90 ms may grow to 150 ms: 33 rows (not 28)
+    assert engine._prompt_rows == 33

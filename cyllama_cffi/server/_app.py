@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS
+from ._defaults import DEFAULT_FLASH_ATTN, DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS, FLASH_ATTN
 from .._engine import Engine
 from ..chat_template import apply_chat_template
 from ..config import GenerationConfig
@@ -48,7 +48,8 @@ class ServerSettings:
     def __init__(self, model_path: Union[str, "os.PathLike[str]", None] = None, *, parallel: int = 4,
                  ctx_size: Optional[int] = None, prompt_budget: int = DEFAULT_PROMPT_BUDGET, max_queue: int = 64,
                  api_key: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY, n_threads: Optional[int] = None,
-                 alias: Optional[str] = None, retry_after: int = 1, flash_attn: Optional[bool] = None,
+                 alias: Optional[str] = None, retry_after: int = 1,
+                 flash_attn: Optional[bool] = FLASH_ATTN[DEFAULT_FLASH_ATTN],
                  step_ms: int = DEFAULT_STEP_MS) -> None:
         if model_path is None:
             from ..models import default_model_path

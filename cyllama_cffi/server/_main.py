@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any, List, Optional
 
-from ._defaults import DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS, FLASH_ATTN
+from ._defaults import DEFAULT_FLASH_ATTN, DEFAULT_MAX_BODY, DEFAULT_PROMPT_BUDGET, DEFAULT_STEP_MS, FLASH_ATTN
 
 __all__ = ["main", "serve", "build_parser"]
 
@@ -29,14 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ctx-size", "-c", type=int, default=None,
                         help="KV cells of the context, shared equally by the slots (default 2048 per slot)")
     parser.add_argument("--prompt-budget", type=int, default=DEFAULT_PROMPT_BUDGET,
-                        help="most prompt tokens one step decodes, so long prompts do not stall the "
-                             f"others (default {DEFAULT_PROMPT_BUDGET})")
+                        help="prompt tokens a step decodes beside generating requests (more if --step-ms "
+                             f"allows), so long prompts do not stall them (default {DEFAULT_PROMPT_BUDGET})")
     parser.add_argument("--step-ms", type=int, default=DEFAULT_STEP_MS,
                         help="beside generating requests, a step reads more whole prompt chunks while steps "
                              f"stay this short (with flash attention off; 0: never; default {DEFAULT_STEP_MS})")
-    parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default="auto",
-                        help="flash attention (default auto: llama.cpp's choice, on for the CPU; off with a "
-                             "small --prompt-budget for the smoothest streams)")
+    parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default=DEFAULT_FLASH_ATTN,
+                        help=f"flash attention: on, off or auto (llama.cpp's choice: on, for the CPU); default "
+                             f"{DEFAULT_FLASH_ATTN}: on a CPU its kernel makes every step that reads part of a long "
+                             "prompt deep in the context long"),
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a slot; past it the answer is 429 (default 64)")
     parser.add_argument("--api-key", default=None,
