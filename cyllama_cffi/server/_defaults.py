@@ -13,7 +13,7 @@ DEFAULT_MAX_BODY = 2 * 1024 * 1024
 # tokens a step paced to 200 ms keep the streams' gaps under 250 ms (p99) and the prompt's first
 # token within ~1.3x its solo read; and streams of a few hundred tokens generate ~10 % faster
 # than with flash attention (whose kernel slows down as the context grows), though the first
-# ~100 positions of a context generate ~6 % slower (llama.cpp attends to at least 256 cells).
+# ~100 positions of a context generate ~5 % slower (llama.cpp attends to at least 256 cells).
 DEFAULT_FLASH_ATTN = "off"
 DEFAULT_PROMPT_BUDGET = 16
 # A step beside running streams reads more whole chunks while steps stay this short: a prompt

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flash-attn", "-fa", choices=sorted(FLASH_ATTN), default=DEFAULT_FLASH_ATTN,
                         help=f"flash attention: on, off or auto (llama.cpp's choice: on, for the CPU); default "
                              f"{DEFAULT_FLASH_ATTN}: on a CPU its kernel makes every step that reads part of a long "
-                             "prompt deep in the context long"),
+                             "prompt deep in the context long")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a slot; past it the answer is 429 (default 64)")
     parser.add_argument("--api-key", default=None,
