@@ -145,8 +145,9 @@ def test_the_command_line_defaults_and_usage_errors(capsys):
 
     args = build_parser().parse_args([])
     assert (args.model, args.host, args.port, args.parallel, args.prompt_budget, args.max_queue, args.api_key) == \
-        (None, "127.0.0.1", 8000, 4, 128, 64, None)
-    assert args.flash_attn == "auto" and build_parser().parse_args(["-fa", "off"]).flash_attn == "off"
+        (None, "127.0.0.1", 8000, 4, 16, 64, None)
+    assert args.flash_attn == "off" and args.step_ms == 200
+    assert build_parser().parse_args(["-fa", "auto"]).flash_attn == "auto"
     args = build_parser().parse_args(["m.gguf", "--port", "9", "-np", "8", "-c", "4096", "--api-key", "k"])
     assert (args.model, args.port, args.parallel, args.ctx_size, args.api_key) == ("m.gguf", 9, 8, 4096, "k")
     assert main(["--help"]) == 0
