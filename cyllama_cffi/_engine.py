@@ -237,19 +237,21 @@ class Engine:
     def _pick_id(self, prompt: Sequence[int]) -> Tuple[int, int]:
         """The free id to give ``prompt``, and how many of its tokens that id's cells hold already.
 
-        The longest common prefix wins, generated tokens included (at least the prompt's last
-        token is left to decode: its logits pick the first token); without one, an id that holds
+        The longest common prefix wins, generated tokens included; without one, an id that holds
         nothing, else the one freed longest ago, so that the records most recently left are kept
-        longest. Unlike ``LLM``'s reuse this is not bit-exact: the kept cells were computed in
-        other chunks than a fresh decode would use (a generated token alone, a prompt's tail in a
-        shorter chunk), whose sums differ in the last bits; a server wants the next turn's speed.
+        longest. At least the prompt's last two tokens are left to decode: a lone token takes
+        other kernels than a chunk (its logits can differ by hundredths on some CPUs), and with
+        flash attention off a chunk of two tokens or more gives each the sums of a fresh read,
+        so a repeated prompt, or one sharing an earlier prompt's start, gets a fresh engine's
+        logits. Unlike ``LLM``'s reuse this keeps generated tokens too, decoded one at a time
+        where a fresh read decodes them in a chunk: a server wants the next turn's speed.
         """
         best, best_keep = -1, 0
         for seq_id in self._free_ids:
             kept = self._kept.get(seq_id)
             if not kept:
                 continue
-            limit = min(len(kept), len(prompt) - 1)
+            limit = min(len(kept), len(prompt) - 2)
             n = 0
             while n < limit and kept[n] == prompt[n]:
                 n += 1

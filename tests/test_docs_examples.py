@@ -222,7 +222,8 @@ def check_batching_detailed(out: str) -> None:
 
 def check_logprobs(out: str) -> None:
     found = lines(out)
-    assert len(found) == 7 and found[1].startswith("' Paris'") and "' Paris' 78%" in found[1], out
+    # The last digits vary with the CPU's kernels: ' Paris' 78 % on one, 77 % on another.
+    assert len(found) == 7 and re.match(r"' Paris' +-0\.2\d\d   \[' Paris' 7\d%, ' the' ", found[1]), out
 
 
 def check_logprobs_stream(out: str) -> None:

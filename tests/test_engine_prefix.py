@@ -1,7 +1,8 @@
 """The engine's prefix affinity (``keep_prefixes``) and its prompt chunks, on the real model.
 
 What is proven: a finished sequence's cells stay in its sequence id; a prompt that extends them
-gets that id and decodes only its new tokens, with the same greedy text as a fresh engine; a cancelled sequence leaves nothing behind; without ``keep_prefixes`` nothing is kept;
+gets that id and decodes only its new tokens, with the same greedy text as a fresh engine; a
+repeated prompt decodes its last two tokens again and gets a fresh engine's logits; a cancelled sequence leaves nothing behind; without ``keep_prefixes`` nothing is kept;
 a prompt's chunks are those of its plan (``prefill_plan``) whatever else the step holds. A unified cache still gives
 each sequence only its share of the cells.
 """
@@ -69,6 +70,26 @@ def test_a_prompt_extending_a_finished_sequence_decodes_only_its_new_tokens(mode
     assert second.n_reused == next(i for i, (a, b) in enumerate(zip(first.cached + [-1], follow)) if a != b)
     fresh = run(make(prompt_budget=64), follow)
     assert fresh.n_reused == 0 and second.text == fresh.text
+
+
+def test_a_repeated_prompt_decodes_its_last_two_tokens_and_gets_a_fresh_engines_logits(model, make):
+    # A lone token takes other kernels than a chunk: on some CPUs its logits differ by
+    # hundredths. Two tokens or more, without flash attention, get the sums of a fresh read.
+    engine = make(keep_prefixes=True, prompt_budget=16, flash_attn=False)
+    prompt = model.vocab.tokenize("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                  "<|im_start|>assistant\n", add_special=False, parse_special=True)
+
+    def generate():
+        seq = engine.add(EngineSequence(prompt, build_sampler(GREEDY, model.vocab, engine.seq_capacity), 16,
+                                        logprobs=3))
+        engine.run()
+        return seq
+
+    first, again = generate(), generate()
+    assert again.seq_id == first.seq_id and (first.n_reused, again.n_reused) == (0, len(prompt) - 2)
+    assert again.generated == first.generated
+    assert [(e.logprob, [t.logprob for t in e.top]) for e in again.logprobs] == \
+           [(e.logprob, [t.logprob for t in e.top]) for e in first.logprobs]
 
 
 def test_cancelled_sequences_and_plain_engines_keep_nothing(model, make):
