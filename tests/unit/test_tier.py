@@ -1,4 +1,4 @@
-"""The tier runs alone without the compiled module and without a model, in well under 20 s.
+"""The tier runs alone without the compiled module and without a model, in well under a minute.
 
 A child ``python -m pytest tests/unit`` gets a ``sitecustomize`` that installs an import hook
 refusing ``cyllama_cffi._libllama`` (and logging every attempt), ``CYLLAMA_MODEL`` pointing at a
@@ -23,9 +23,11 @@ UNIT_DIR = Path(__file__).resolve().parent
 REPO = UNIT_DIR.parent.parent
 CHILD_FLAG = "CYLLAMA_UNIT_TIER_CHILD"
 BLOCK_LOG = "CYLLAMA_UNIT_TIER_BLOCK_LOG"
-# The tier is the quick loop of CPython development: 20 s at most there. PyPy runs it too (in
-# the full suite), more slowly until its JIT warms up; there it must pass, in a looser limit.
-LIMIT_SECONDS = 20.0 if platform.python_implementation() == "CPython" else 90.0
+# The tier is the quick loop of CPython development: 10-25 s on a 2-core machine, depending on
+# its load. The bound is what tells that loop from one that builds native code or loads a model
+# (minutes), not a measure of its speed. PyPy runs it too (in the full suite), more slowly until
+# its JIT warms up; there it must pass, in a looser limit.
+LIMIT_SECONDS = 60.0 if platform.python_implementation() == "CPython" else 90.0
 NESTED_REASON = "runs inside the isolated tier run that this test starts; it must not start another"
 
 SITECUSTOMIZE = textwrap.dedent('''
