@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable, Deque, Optional
+from typing import Any, Callable, Deque, Optional
 
 
 class Job:
@@ -51,6 +51,32 @@ def wake(lock: threading.Lock) -> None:
         pass
 
 
+class Inbox:
+    """Items handed to one consumer thread, in order: ``put`` never blocks, wherever it is interrupted.
+
+    A deque and a lock rather than a queue: a ``KeyboardInterrupt`` that lands inside a queue's
+    ``put()`` can leave the queue's internal lock held (on PyPy ``queue.SimpleQueue`` is Python
+    code), and the next ``put()`` (the one that stops the thread, at exit) then waits forever.
+    ``deque.append`` and ``Lock.release`` are single steps: interrupted between them, the item
+    at worst waits for the next ``put``, which wakes the consumer for both.
+    """
+
+    def __init__(self) -> None:
+        self._items: "Deque[Any]" = deque()
+        self._ready = threading.Lock()  # released (by wake) when items may be waiting
+        self._ready.acquire()
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        wake(self._ready)
+
+    def get(self) -> Any:
+        """The next item, waiting for one (the consumer thread only)."""
+        while not self._items:
+            self._ready.acquire()  # until a wake; one that came early returns at once, and the loop looks again
+        return self._items.popleft()
+
+
 class HelperThread:
     """A daemon thread that runs :class:`Job` s in turn: one per prompt, ended with it.
 
@@ -64,25 +90,17 @@ class HelperThread:
     """
 
     def __init__(self) -> None:
-        # A deque and a lock rather than a queue: a KeyboardInterrupt that lands inside a
-        # queue's put() can leave its internal lock held (PyPy's SimpleQueue is Python code),
-        # and the next put() then waits forever. deque.append and Lock.release are single steps.
-        self._jobs: "Deque[Optional[Job]]" = deque()
-        self._ready = threading.Lock()  # released (by wake) when jobs may be waiting
-        self._ready.acquire()
-        self._thread = threading.Thread(target=_serve, args=(self._jobs, self._ready), name="cyllama-decode",
-                                        daemon=True)
+        self._jobs = Inbox()  # of Job, or None to stop
+        self._thread = threading.Thread(target=_serve, args=(self._jobs,), name="cyllama-decode", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
-        self._jobs.append(job)
-        wake(self._ready)
+        self._jobs.put(job)
         return job
 
     def stop(self) -> None:
         """End the thread after the job it runs, if any (idempotent, never blocks)."""
-        self._jobs.append(None)
-        wake(self._ready)
+        self._jobs.put(None)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -94,11 +112,9 @@ class HelperThread:
             self._thread.join()
 
 
-def _serve(jobs: "Deque[Optional[Job]]", ready: threading.Lock) -> None:
+def _serve(jobs: Inbox) -> None:
     while True:
-        while not jobs:
-            ready.acquire()  # until a wake; one that came early returns at once, and the loop looks again
-        job = jobs.popleft()
+        job = jobs.get()
         if job is None:
             return
         job.run()

@@ -19,12 +19,12 @@ import asyncio
 import atexit
 import concurrent.futures
 import os
-import queue
 import threading
 import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, List, Mapping, Optional, Sequence, Union
 
+from ._background import Inbox
 from ._lora import parse_lora
 from .config import GenerationConfig
 from .errors import ClosedError
@@ -46,7 +46,7 @@ class _Worker:
     """
 
     def __init__(self) -> None:
-        self._calls: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._calls = Inbox()  # of (future, call), or None to stop
         self._thread = threading.Thread(target=_serve, args=(self._calls,), name="cyllama-async", daemon=True)
         self._thread.start()
         self.loading: Optional["concurrent.futures.Future[Any]"] = None  # the LLM, once loaded
@@ -100,7 +100,7 @@ def _stop_workers_at_exit() -> None:
 atexit.register(_stop_workers_at_exit)
 
 
-def _serve(calls: "queue.SimpleQueue[Any]") -> None:
+def _serve(calls: Inbox) -> None:
     while True:
         item = calls.get()
         if item is None:
