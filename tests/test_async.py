@@ -333,6 +333,12 @@ def test_a_stream_left_by_break_is_cancelled_when_collected(model_path, referenc
     asyncio.run(main())
 
 
+# A loop that waited for the decode would stall for a whole micro-batch of the long prompt:
+# seconds on 2 cores. The loop's own worst tick is a few ms to ~60 ms there (the OS scheduler
+# sharing the cores with the decode's threads, PyPy's garbage collector); the bound sits between.
+STALL_BOUND = 0.200
+
+
 def test_the_event_loop_never_stalls_during_a_long_prefill(model_path):
     lateness = []
 
@@ -364,7 +370,7 @@ def test_the_event_loop_never_stalls_during_a_long_prefill(model_path):
     asyncio.run(main())
     worst = max(lateness)
     print(f"\nlongest event-loop stall during the prefill: {worst * 1000:.2f} ms over {len(lateness)} ticks")
-    assert worst < 0.050, f"the event loop stalled {worst * 1000:.1f} ms"
+    assert worst < STALL_BOUND, f"the event loop stalled {worst * 1000:.1f} ms"
 
 
 # -- errors and closing ---------------------------------------------------------------------------------
